@@ -1,0 +1,398 @@
+"""Batched augmentation ops and their registry.
+
+Every op is a function ``op(x, generator, **params, inplace=False) -> Tensor`` on float (N, C, H, W)
+images in [0, 1] (C in {1, 3}) that returns images of the same shape in [0, 1]. Random parameters are
+drawn per sample from ``generator`` (on ``x.device``), always the same draws for the same batch shape,
+so a seeded generator gives identical outputs.
+
+By default an op is pure: it leaves ``x`` untouched, though it may return ``x`` itself, or a view or
+non-contiguous tensor, where that is cheaper, so callers must not modify the result in place.
+``inplace=True`` lets an op overwrite ``x`` instead of copying it; ``View`` passes it for the
+intermediate results it owns, which saves a full copy of the batch per probabilistic op.
+
+Defaults follow SimCLR (Chen et al., 2020, appendix A) and torchvision's transforms.
+"""
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .color import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, to_gray
+
+Range = tuple[float, float]
+Value = float | Range | bool
+OpFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One op parameter: its default (a float, a (lo, hi) range or a bool) and the allowed values."""
+
+    default: Value
+    doc: str
+    low: float | None = 0.0  # lower bound for numbers and range ends
+    high: float | None = None  # upper bound
+    open_low: bool = False  # the lower bound itself is not allowed
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """A registered op: its function, one-line description and parameters (in spec order)."""
+
+    name: str
+    fn: OpFn
+    doc: str
+    params: Mapping[str, Param]
+    random: bool = True
+
+    def defaults(self) -> dict[str, Value]:
+        return {key: param.default for key, param in self.params.items()}
+
+
+OPS: dict[str, OpInfo] = {}
+
+
+def register(name: str, doc: str, *, random: bool = True, **params: Param) -> Callable[[OpFn], OpFn]:
+    """Decorator adding an op to OPS under `name`."""
+
+    def add(fn: OpFn) -> OpFn:
+        OPS[name] = OpInfo(name, fn, doc, MappingProxyType(params), random)
+        return fn
+
+    return add
+
+
+def _prob(default: float, doc: str) -> Param:
+    return Param(default, doc, 0.0, 1.0)
+
+
+# --- random draws and per-sample dispatch ------------------------------------------------------------
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    return torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _uniform(bounds: Range, n: int, generator: torch.Generator, like: Tensor) -> Tensor:
+    lo, hi = bounds
+    return _rand((n,), generator, like).mul_(hi - lo).add_(lo)  # (N,)
+
+
+def _coin(p: float, n: int, generator: torch.Generator, like: Tensor) -> Tensor:
+    return _rand((n,), generator, like) < p  # (N,) True with probability p
+
+
+def _apply_where(
+    x: Tensor, hit: Tensor, fn: OpFn, *args: Tensor, inplace: bool = False, writable: bool = False
+) -> Tensor:
+    """Apply ``fn(samples, *their args)`` to the samples where `hit` (N,) is set; pass the others through.
+
+    Only the selected samples are computed: they are gathered, transformed and copied back into `x`
+    (with `inplace`) or into a copy of it. With `writable`, `fn` may overwrite the samples it gets.
+    """
+    index = hit.nonzero().squeeze(1)  # (K,)
+    if index.numel() == 0:
+        return x
+    if index.numel() == x.shape[0]:
+        return fn(x.clone() if writable and not inplace else x, *args)
+    part = fn(x.index_select(0, index), *(a.index_select(0, index) for a in args))
+    return (x if inplace else x.clone()).index_copy_(0, index, part)
+
+
+def _apply_grouped(x: Tensor, group: Tensor, fns: Sequence[OpFn]) -> Tensor:
+    """Apply ``fns[k]`` to the samples whose `group` (N,) is k.
+
+    Samples are sorted by group so each group is one contiguous run, transformed, and unsorted.
+    """
+    counts = torch.bincount(group, minlength=len(fns)).tolist()
+    if max(counts) == x.shape[0]:
+        return fns[counts.index(x.shape[0])](x)
+    perm = group.argsort(stable=True)
+    runs = x.index_select(0, perm).split(counts)
+    out = torch.cat([fn(run) for fn, run in zip(fns, runs, strict=True)])
+    return out.index_select(0, perm.argsort())
+
+
+def _gray_like(x: Tensor) -> Tensor:
+    return to_gray(x).expand_as(x)  # (N, C, H, W)
+
+
+# --- geometric ops -----------------------------------------------------------------------------------
+
+
+def _crop_boxes(
+    n: int, height: int, width: int, scale: Range, ratio: Range, generator: torch.Generator, like: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample boxes (left, top, box width, box height), each (N,), in pixels, as torchvision samples them.
+
+    Ten candidate boxes per sample (area fraction uniform in `scale`, aspect ratio log-uniform in `ratio`);
+    the first that fits inside the image wins, otherwise the whole image. Box sides are not rounded.
+    """
+    tries = 10
+    area = _rand((n, tries), generator, like).mul_((scale[1] - scale[0]) * height * width)
+    area.add_(scale[0] * height * width)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = _rand((n, tries), generator, like).mul_(log_hi - log_lo).add_(log_lo).exp_()
+    box_w = (area * aspect).sqrt_()  # (N, tries)
+    box_h = (area / aspect).sqrt_()
+    fits = (box_w <= width) & (box_h <= height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # first fitting try, 0 if none fits
+    found = fits.any(1)
+    box_w = torch.where(found, box_w.gather(1, first).squeeze(1), float(width))  # (N,)
+    box_h = torch.where(found, box_h.gather(1, first).squeeze(1), float(height))
+    corner = _rand((n, 2), generator, like)
+    left = corner[:, 0] * (width - box_w)
+    top = corner[:, 1] * (height - box_h)
+    return left, top, box_w, box_h
+
+
+@register(
+    "crop",
+    "random resized crop back to the input size (bilinear)",
+    scale=Param((0.08, 1.0), "area fraction of the box", 0.0, 1.0, open_low=True),
+    ratio=Param((0.75, 1.333), "box aspect ratio (width / height), log-uniform", 0.0, open_low=True),
+)
+def crop(
+    x: Tensor,
+    generator: torch.Generator,
+    scale: Range = (0.08, 1.0),
+    ratio: Range = (0.75, 1.333),
+    inplace: bool = False,
+) -> Tensor:
+    n, _, h, w = x.shape
+    left, top, box_w, box_h = _crop_boxes(n, h, w, scale, ratio, generator, x)
+    # Sampling grid in grid_sample's [-1, 1] coordinates (align_corners=False: pixel i spans [i, i + 1)).
+    # The box is axis-aligned, so the grid is the outer product of per-sample column and row positions.
+    cols = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w  # (W,) output pixel centres in [0, 1]
+    rows = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h  # (H,)
+    grid_x = (cols * box_w[:, None] + left[:, None]).mul_(2 / w).sub_(1)  # (N, W)
+    grid_y = (rows * box_h[:, None] + top[:, None]).mul_(2 / h).sub_(1)  # (N, H)
+    grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), -1)  # (N, H, W, 2)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.clamp_(0, 1)  # clamp rounding overshoot
+
+
+@register("flip", "horizontal flip", p=_prob(0.5, "probability"))
+def flip(x: Tensor, generator: torch.Generator, p: float = 0.5, inplace: bool = False) -> Tensor:
+    hit = _coin(p, x.shape[0], generator, x)
+    return _apply_where(x, hit, lambda part: part.flip(-1), inplace=inplace)
+
+
+def _rot90(x: Tensor, turns: int) -> Tensor:
+    """Rotate by `turns` quarter turns; non-square images are centre-cropped and zero-padded to keep H, W."""
+    h, w = x.shape[-2:]
+    out = torch.rot90(x, turns, (-2, -1))
+    if turns % 2 == 0 or h == w:
+        return out
+    pad_w, pad_h = w - h, h - w  # negative padding crops
+    return F.pad(out, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+@register("rotate", "rotate by 90, 180 or 270 degrees, chosen uniformly")
+def rotate(x: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
+    turns = (_rand((x.shape[0],), generator, x) * 3).long()  # (N,) in {0, 1, 2} -> 1, 2, 3 quarter turns
+    return _apply_grouped(x, turns, [partial(_rot90, turns=k) for k in (1, 2, 3)])
+
+
+@register(
+    "cutout",
+    "zero one square hole per sample, inside the image",
+    size=Param((0.25, 0.5), "hole side as a fraction of the shorter image side", 0.0, 1.0),
+    p=_prob(1.0, "probability"),
+)
+def cutout(
+    x: Tensor, generator: torch.Generator, size: Range = (0.25, 0.5), p: float = 1.0, inplace: bool = False
+) -> Tensor:
+    n, _, h, w = x.shape
+    hit = _coin(p, n, generator, x)
+    side = _uniform(size, n, generator, x).mul_(min(h, w)).round_()  # (N,) pixels
+    corner = _rand((n, 2), generator, x)
+    top = (corner[:, 0] * (h + 1 - side)).floor_()[:, None]  # (N, 1)
+    left = (corner[:, 1] * (w + 1 - side)).floor_()[:, None]
+    rows = torch.arange(h, device=x.device, dtype=x.dtype)
+    cols = torch.arange(w, device=x.device, dtype=x.dtype)
+    in_rows = ((rows >= top) & (rows < top + side[:, None]) & hit[:, None]).to(x.dtype)  # (N, H)
+    in_cols = ((cols >= left) & (cols < left + side[:, None])).to(x.dtype)  # (N, W)
+    keep = (in_rows[:, None, :, None] * in_cols[:, None, None, :]).neg_().add_(1)  # (N, 1, H, W)
+    return x.mul_(keep) if inplace else x * keep
+
+
+# --- photometric ops ---------------------------------------------------------------------------------
+
+_ADJUSTMENTS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def _jitter_(x: Tensor, factors: Tensor, order: Sequence[int]) -> Tensor:
+    """Apply the adjustments `order` lists (indices into _ADJUSTMENTS) in place; factors are (N, 4)."""
+    for k in order:
+        _ADJUSTMENTS[k](x, factors[:, k], out=x)
+    return x
+
+
+@register(
+    "jitter",
+    "colour jitter (brightness, contrast, saturation, hue in a random order), with probability p",
+    brightness=Param(0.4, "brightness factor drawn from [1 - b, 1 + b]"),
+    contrast=Param(0.4, "contrast factor drawn from [1 - c, 1 + c]"),
+    saturation=Param(0.4, "saturation factor drawn from [1 - s, 1 + s]"),
+    hue=Param(0.1, "hue shift drawn from [-h, h] turns", 0.0, 0.5),
+    p=_prob(0.8, "probability"),
+)
+def jitter(
+    x: Tensor,
+    generator: torch.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    p: float = 0.8,
+    inplace: bool = False,
+) -> Tensor:
+    n = x.shape[0]
+    hit = _coin(p, n, generator, x)
+    strengths = (brightness, contrast, saturation)
+    lo = x.new_tensor([max(0.0, 1 - s) for s in strengths] + [-hue])  # (4,)
+    hi = x.new_tensor([1 + s for s in strengths] + [hue])
+    factors = _rand((n, 4), generator, x).mul_(hi - lo).add_(lo)  # (N, 4)
+    # One random order per batch, not per sample as torchvision's per-image transform has it: a
+    # per-sample order needs every adjustment once per position, on a quarter of the batch each,
+    # which costs well over twice as much on CPU. Zero-strength adjustments are skipped.
+    order = [k for k in _rand((4,), generator, x).argsort().tolist() if (*strengths, hue)[k] > 0]
+    if not order:
+        return x
+    return _apply_where(x, hit, partial(_jitter_, order=order), factors, inplace=inplace, writable=True)
+
+
+@register(
+    "grayscale",
+    "convert to grayscale (ITU-R 601-2 luma), replicated to all channels",
+    p=_prob(0.2, "probability"),
+)
+def grayscale(x: Tensor, generator: torch.Generator, p: float = 0.2, inplace: bool = False) -> Tensor:
+    hit = _coin(p, x.shape[0], generator, x)
+    return x if x.shape[1] == 1 else _apply_where(x, hit, _gray_like, inplace=inplace)
+
+
+@register(
+    "color",
+    "SimCLR colour distortion: jitter(0.8s, 0.8s, 0.8s, 0.2s) with probability p, then grayscale",
+    s=Param(1.0, "colour distortion strength", 0.0, 2.5),
+    p=_prob(0.8, "probability of the colour jitter"),
+    gray=_prob(0.2, "probability of grayscale"),
+)
+def color(
+    x: Tensor,
+    generator: torch.Generator,
+    s: float = 1.0,
+    p: float = 0.8,
+    gray: float = 0.2,
+    inplace: bool = False,
+) -> Tensor:
+    a, h = 0.8 * s, 0.2 * s
+    out = jitter(x, generator, brightness=a, contrast=a, saturation=a, hue=h, p=p, inplace=inplace)
+    # jitter's result is ours to overwrite unless it is x itself
+    return grayscale(out, generator, p=gray, inplace=inplace or out is not x)
+
+
+@register(
+    "solarize",
+    "invert pixels at or above a threshold",
+    threshold=_prob(0.5, "threshold"),
+    p=_prob(0.2, "probability"),
+)
+def solarize(
+    x: Tensor, generator: torch.Generator, threshold: float = 0.5, p: float = 0.2, inplace: bool = False
+) -> Tensor:
+    hit = _coin(p, x.shape[0], generator, x)
+    return _apply_where(x, hit, lambda part: torch.where(part >= threshold, 1 - part, part), inplace=inplace)
+
+
+@register(
+    "noise", "additive Gaussian noise, per-sample std drawn from [0, std]", std=Param(0.1, "largest std")
+)
+def noise(x: Tensor, generator: torch.Generator, std: float = 0.1, inplace: bool = False) -> Tensor:
+    n = x.shape[0]
+    sigma = _uniform((0.0, std), n, generator, x)
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return eps.mul_(sigma.view(n, 1, 1, 1)).add_(x).clamp_(0, 1)
+
+
+def _blur_size(fraction: float, side: int) -> int:
+    """Odd kernel side closest to fraction * side, at least 3, at most 2 * side - 1 (reflect padding)."""
+    return min(max(3, 2 * int(fraction * side / 2) + 1), 2 * side - 1)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:
+    """Separable Gaussian blur with per-sample sigma (N,), square kernel of odd `size`, reflect padding."""
+    n, _, h, w = x.shape
+    radius = size // 2
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (K,)
+    kernel = (taps / sigma[:, None]).square_().mul_(-0.5).exp_()  # (N, K)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).view(n, 1, 1, size)  # (N, 1, 1, K)
+    # Shifted multiply-adds beat a grouped convolution several times over for the small kernels of
+    # small images, and run unchanged on any device.
+    padded = F.pad(x, (radius,) * 4, mode="reflect")  # (N, C, H + 2r, W + 2r)
+    rows = padded[..., 0:w] * kernel[..., 0:1]  # (N, C, H + 2r, W): blurred along W
+    for i in range(1, size):
+        rows.addcmul_(padded[..., i : i + w], kernel[..., i : i + 1])
+    out = rows[..., 0:h, :] * kernel[..., 0:1]  # (N, C, H, W): and along H
+    for i in range(1, size):
+        out.addcmul_(rows[..., i : i + h, :], kernel[..., i : i + 1])
+    return out.clamp_(0, 1)  # rounding can overshoot 1 by an ulp
+
+
+@register(
+    "blur",
+    "Gaussian blur with per-sample sigma (pixels), kernel side a fraction of the image side",
+    sigma=Param((0.1, 2.0), "sigma in pixels", 0.0, open_low=True),
+    p=_prob(0.5, "probability"),
+    kernel=Param(0.1, "kernel side as a fraction of the shorter image side", 0.0, 1.0, open_low=True),
+)
+def blur(
+    x: Tensor,
+    generator: torch.Generator,
+    sigma: Range = (0.1, 2.0),
+    p: float = 0.5,
+    kernel: float = 0.1,
+    inplace: bool = False,
+) -> Tensor:
+    n, _, h, w = x.shape
+    hit = _coin(p, n, generator, x)
+    sigmas = _uniform(sigma, n, generator, x)
+    if min(h, w) < 2:
+        return x
+    size = _blur_size(kernel, min(h, w))
+    return _apply_where(x, hit, partial(_gaussian_blur, size=size), sigmas, inplace=inplace)
+
+
+_SOBEL_SMOOTH = (1.0, 2.0, 1.0)
+
+
+def _sobel_magnitude(gray: Tensor) -> Tensor:
+    """Sobel gradient magnitude of (N, 1, H, W) images, replicate padding."""
+    h, w = gray.shape[-2:]
+    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")  # (N, 1, H+2, W+2)
+    dx = padded[..., 2:] - padded[..., :-2]  # (N, 1, H+2, W) central differences
+    dy = padded[..., 2:, :] - padded[..., :-2, :]  # (N, 1, H, W+2)
+    a, b, c = _SOBEL_SMOOTH
+    gx = dx[..., 0:h, :] * a + dx[..., 1 : h + 1, :] * b + dx[..., 2 : h + 2, :] * c
+    gy = dy[..., 0:w] * a + dy[..., 1 : w + 1] * b + dy[..., 2 : w + 2] * c
+    return torch.hypot(gx, gy)  # (N, 1, H, W)
+
+
+@register("sobel", "Sobel gradient magnitude of the luma, scaled per sample to [0, 1]", random=False)
+def sobel(x: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
+    magnitude = _sobel_magnitude(to_gray(x))
+    peak = magnitude.amax((1, 2, 3), keepdim=True).clamp_min_(1e-12)  # (N, 1, 1, 1)
+    return magnitude.div_(peak).clamp_(0, 1).expand_as(x)
+
+
+@register("identity", "leave the images unchanged", random=False)
+def identity(x: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
+    return x

@@ -1,0 +1,277 @@
+"""The `sslab` command line: each command parses, calls one library function and prints."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import typing
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sslab.config import FIELD_NAMES, TrialConfig, field_help, from_mapping, load_toml, parse_assignments
+from sslab.errors import SslabError
+
+app = typer.Typer(
+    help="sslab: self-supervised learning ablation studies on images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Datasets: where they are looked for and whether they are present.", no_args_is_help=True)
+augment_app = typer.Typer(help="Augmentation ops that views are built from.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(augment_app, name="augment")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DbOption = Annotated[
+    str | None, typer.Option("--db", help="results store URL (default $SSLAB_DB or sqlite:///results/sslab.db)")
+]
+
+
+def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user-facing errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = command(*args, **kwargs)
+            for warning in caught:
+                if issubclass(warning.category, UserWarning) and warning.category.__module__.startswith("sslab"):
+                    err_console.print(f"[yellow]warning:[/] {warning.message}")
+            return result
+        except SslabError as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# --- sslab run -------------------------------------------------------------------------------------------
+
+_OPTION_NAMES = {"aug1": "--aug1", "aug2": "--aug2"}
+
+
+def _run_parameters() -> list[inspect.Parameter]:
+    """One CLI option per config field, all defaulting to None = 'not given on the command line'."""
+    help_texts = field_help()
+    hints = typing.get_type_hints(TrialConfig)
+    parameters = []
+    for name in FIELD_NAMES:
+        annotation = hints[name]
+        base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+        flag = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+        default = TrialConfig.__dataclass_fields__[name].default
+        help_text = f"{help_texts.get(name, '')} [default: {default}]"
+        if base is bool:
+            option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+        else:
+            option = typer.Option(None, flag, help=help_text, show_default=False)
+        parameters.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=base | None)
+        )
+    return parameters
+
+
+def build_config(config_file: Path | None, sets: list[str], options: dict[str, Any]) -> TrialConfig:
+    """Defaults < --config file < --set key=value < explicit options."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    if config_file is not None:
+        values.update(load_toml(config_file))
+        source = str(config_file)
+    values.update(parse_assignments(sets))
+    values.update({k: v for k, v in options.items() if v is not None})
+    return from_mapping(values, source=source)
+
+
+def run(
+    config_file: Path | None = None,
+    sets: list[str] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    db: str | None = None,
+    quiet: bool = False,
+    **options: Any,
+) -> None:
+    """Pretrain one configuration and evaluate it with a linear probe and kNN on frozen features."""
+    from sslab.progress import RichReporter
+    from sslab.runner import run_trial
+    from sslab.store import Store
+
+    config = build_config(config_file, sets or [], options)
+    store = Store(db)
+    if not quiet:
+        err_console.print(
+            f"trial {config.hash()}: {config.method} / {config.backbone} on {config.dataset}, "
+            f"{config.epochs} epochs, batch {config.batch_size}"
+        )
+    reporter = None if quiet else RichReporter(err_console)
+    outcome = run_trial(config, store, force=force, resume=resume, reporter=reporter)
+    if outcome.status == "cached":
+        err_console.print(
+            f"already done as trial {outcome.trial_id} in {store.url} (use --force to train it again)"
+        )
+    metrics = outcome.metrics
+    table = Table(title=f"trial {outcome.trial_id} ({outcome.config_hash})", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in sorted(metrics):
+        value = metrics[name]
+        shown = f"{value:.4f}" if "top1" in name else f"{value:,.2f}"
+        table.add_row(name, shown)
+    table.add_row("collapsed", str(outcome.collapsed))
+    if outcome.wall_time_s is not None:
+        table.add_row("wall time (s)", f"{outcome.wall_time_s:,.1f}")
+    console.print(table)
+    console.print(f"recorded in {store.url}")
+
+
+def _install_run_command() -> None:
+    extra = [
+        inspect.Parameter(
+            "config_file",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", help="TOML file with any of the fields below", exists=False),
+            annotation=Path | None,
+        ),
+        inspect.Parameter(
+            "sets",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--set", help="override any field: --set key=value (repeatable)"),
+            annotation=list[str] | None,
+        ),
+        inspect.Parameter(
+            "resume",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(False, "--resume", help="continue from this trial's last epoch checkpoint"),
+            annotation=bool,
+        ),
+        inspect.Parameter(
+            "force",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(False, "--force", help="train again even if this config is already done"),
+            annotation=bool,
+        ),
+        inspect.Parameter(
+            "db",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--db", help="results store URL (default $SSLAB_DB or results/sslab.db)"),
+            annotation=str | None,
+        ),
+        inspect.Parameter(
+            "quiet",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(False, "--quiet", "-q", help="no progress output"),
+            annotation=bool,
+        ),
+    ]
+
+    @handle_errors
+    def run_command(**kwargs: Any) -> None:
+        run(**kwargs)
+
+    parameters = extra + _run_parameters()
+    run_command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    run_command.__annotations__ = {p.name: p.annotation for p in parameters}
+    run_command.__doc__ = run.__doc__
+    app.command("run")(run_command)
+
+
+_install_run_command()
+
+
+# --- sslab results ---------------------------------------------------------------------------------------
+
+SUMMARY_COLUMNS = [
+    "id", "hash", "method", "dataset", "backbone", "epochs", "batch_size", "status", "linear_top1", "knn_top1",
+    "baseline_linear_top1", "collapsed", "wall_time_s",
+]
+
+
+@app.command("results")
+@handle_errors
+def results(
+    format: Annotated[str, typer.Option("--format", "-f", help="table | csv | json")] = "table",
+    all_columns: Annotated[bool, typer.Option("--all", help="every config field and metric")] = False,
+    db: DbOption = None,
+) -> None:
+    """List recorded trials with their status and final metrics."""
+    from sslab.store import Store
+
+    if format not in ("table", "csv", "json"):
+        raise SslabError(f"unknown format {format!r}; use table, csv or json")
+    frame = Store(db, create=False).results_frame()
+    if frame.empty:
+        raise SslabError("the results store has no trials yet; run `sslab run` first")
+    if not all_columns:
+        frame = frame[[c for c in SUMMARY_COLUMNS if c in frame.columns]]
+    if format == "csv":
+        sys.stdout.write(frame.to_csv(index=False))
+    elif format == "json":
+        sys.stdout.write(frame.to_json(orient="records", indent=2) + "\n")
+    else:
+        table = Table(show_header=True)
+        for column in frame.columns:
+            table.add_column(str(column), justify="right" if frame[column].dtype.kind in "if" else "left")
+        for _, row in frame.iterrows():
+            table.add_row(*(_cell(row[c]) for c in frame.columns))
+        console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) <= 1 else f"{value:,.1f}"
+    return str(value)
+
+
+# --- sslab data / augment ----------------------------------------------------------------------------------
+
+
+@data_app.command("list")
+@handle_errors
+def data_list(
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="also look here first")] = None,
+) -> None:
+    """Datasets, where each is looked for, and whether it is present."""
+    from sslab.data import dataset_status
+
+    table = Table(show_header=True)
+    for column in ("dataset", "present", "found at / searched", "description"):
+        table.add_column(column)
+    for status in dataset_status(data_dir):
+        where = str(status.path) if status.present else "; ".join(str(p) for p in status.searched)
+        table.add_row(status.name, "yes" if status.present else "no", where, status.description)
+    console.print(table)
+
+
+@augment_app.command("list")
+@handle_errors
+def augment_list() -> None:
+    """Augmentation ops with their parameters and defaults."""
+    from sslab.augment import describe_ops
+
+    console.print(describe_ops(), highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The interface every method implements, and the registry that builds them from a config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sslab.config import TrialConfig
+from sslab.errors import ConfigError
+from sslab.models import Head
+
+
+@dataclass
+class StepOutput:
+    """What one training step of a method returns."""
+
+    loss: Tensor  # scalar, differentiable
+    embedding: Tensor  # (N, d) output watched by the collapse monitor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """A self-supervised method: built from the config, returns the loss for a batch of views.
+
+    `backbone` is the encoder whose frozen features are evaluated; `head` (optional) is the projection
+    head whose layers can also be probed. Methods never move themselves to a device or call distributed
+    APIs: the trainer does that.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}  # config fields this method sets differently from TrialConfig
+    multicrop: ClassVar[bool] = False  # whether forward() uses local crops beyond the two global views
+    backbone: nn.Module
+    head: Head | None
+
+    def __init__(self, config: TrialConfig, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.head = None
+        self.num_classes = num_classes
+
+    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Called after each optimiser step with the fraction of training done (momentum/EMA updates)."""
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(config: TrialConfig, backbone: nn.Module, num_classes: int) -> Method:
+    try:
+        factory: Callable[..., Method] = METHODS[config.method]
+    except KeyError:
+        raise ConfigError(f"unknown method '{config.method}'; valid methods: {', '.join(METHODS)}") from None
+    return factory(config, backbone, num_classes)
+
+
+def concat_forward(module: Callable[[Tensor], Tensor], views: list[Tensor]) -> list[Tensor]:
+    """Run views of equal shape through `module` as one batch (faster; batch-norm sees all views)."""
+    outputs = module(torch.cat(views))
+    return list(outputs.chunk(len(views)))

@@ -1,0 +1,57 @@
+"""Projection heads built from data: depth, widths, output dimension and batch-norm placement."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Head(nn.Module):
+    """An MLP g(h) whose intermediate outputs can be probed (SimCLR Fig. 8, SimCLRv2 head depth).
+
+    depth 0 is the identity, depth 1 a linear map, depth >= 2 has depth-1 hidden layers of
+    Linear -> [BatchNorm] -> ReLU followed by a final Linear (with BatchNorm when `last_bn`).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        depth: int,
+        hidden_dim: int,
+        out_dim: int,
+        batch_norm: bool = True,
+        last_bn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList()
+        previous = in_dim
+        for index in range(depth):
+            last = index == depth - 1
+            width = out_dim if last else hidden_dim
+            block: list[nn.Module] = [nn.Linear(previous, width, bias=not (batch_norm and (not last or last_bn)))]
+            if batch_norm and (not last or last_bn):
+                block.append(nn.BatchNorm1d(width, affine=not last))
+            if not last:
+                block.append(nn.ReLU(inplace=True))
+            self.layers.append(nn.Sequential(*block))
+            previous = width
+        self.out_dim = previous
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+    def intermediate(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs after each layer: [g1(h), g2(g1(h)), ...]; the last is the head's output."""
+        outputs = []
+        for layer in self.layers:
+            h = layer(h)
+            outputs.append(h)
+        return outputs
+
+
+def build_head(
+    in_dim: int, depth: int, hidden_dim: int | None, out_dim: int, batch_norm: bool = True, last_bn: bool = False
+) -> Head:
+    return Head(in_dim, depth, hidden_dim or in_dim, out_dim, batch_norm, last_bn)

@@ -1,0 +1,92 @@
+"""Optimisers (SGD, LARS, Adam, AdamW) and the warm-up + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sslab.config import TrialConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by SimCLR and BYOL.
+
+    Parameters in groups with `lars_exclude=True` (biases, batch-norm) get neither weight decay nor
+    adaptation, following SimCLR's implementation.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        for group in self.param_groups:
+            exclude = group.get("lars_exclude", False)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if not exclude:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                    param_norm, grad_norm = torch.norm(p), torch.norm(grad)
+                    trust = torch.where(
+                        (param_norm > 0) & (grad_norm > 0),
+                        group["eta"] * param_norm / grad_norm,
+                        torch.ones_like(param_norm),
+                    )
+                    grad = grad.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return None
+
+
+def _split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, biases and normalisation parameters): the second group gets no weight decay."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    return decay, no_decay
+
+
+def scaled_lr(config: TrialConfig) -> float:
+    return config.lr * config.batch_size / 256
+
+
+def build_optimizer(config: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = _split_decay(model)
+    lr = scaled_lr(config)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
+    if config.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=config.momentum)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

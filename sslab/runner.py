@@ -1,0 +1,189 @@
+"""Run one trial end to end: data -> random-init baseline -> pretraining -> evaluation -> results store."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import sslab
+from sslab.config import TrialConfig, validate
+from sslab.data import ImageDataset, load_dataset
+from sslab.evaluate import extract_features, knn_top1, linear_probe
+from sslab.augment import parse_view
+from sslab.errors import ConfigError
+from sslab.methods import METHODS, Method, build_method
+from sslab.models import BACKBONES, build_backbone
+from sslab.store import Provenance, Store
+from sslab.train import EpochRecord, Reporter, TrainResult, channel_stats, pretrain, resolve_device
+
+DEFAULT_CHECKPOINT_DIR = Path("results/checkpoints")
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: int
+    config_hash: str
+    status: str  # done | failed | cached
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    collapsed: bool | None = None
+    wall_time_s: float | None = None
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(device: torch.device) -> Provenance:
+    name = str(device)
+    if device.type == "cuda":
+        name = f"{device} ({torch.cuda.get_device_name(device)})"
+    return Provenance(name, torch.__version__, sslab.__version__, git_commit(), platform.node())
+
+
+def balanced_subset(images: Tensor, labels: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The first `count` images taken round-robin over classes, so every class keeps its share."""
+    if count >= labels.numel():
+        return images, labels
+    rank_in_class = torch.zeros_like(labels)
+    for cls in labels.unique():
+        members = labels == cls
+        rank_in_class[members] = torch.arange(int(members.sum()))
+    order = torch.argsort(rank_in_class * (int(labels.max()) + 1) + labels, stable=True)[:count]
+    order = order.sort().values
+    return images[order], labels[order]
+
+
+def prepare_dataset(config: TrialConfig) -> ImageDataset:
+    dataset = load_dataset(config.dataset, data_dir=config.data_dir, image_size=config.image_size)
+    if config.train_subset is not None:
+        images, labels = balanced_subset(dataset.train_images, dataset.train_labels, config.train_subset)
+        dataset = ImageDataset(
+            dataset.name, images, labels, dataset.test_images, dataset.test_labels, dataset.classes
+        )
+    return dataset
+
+
+def build_model(config: TrialConfig, dataset: ImageDataset) -> Method:
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(config.backbone, dataset.channels, dataset.image_size, config.cifar_stem)
+    return build_method(config, backbone, dataset.num_classes)
+
+
+def evaluate(method: Method, config: TrialConfig, dataset: ImageDataset, device: torch.device) -> dict[str, float]:
+    """Linear-probe and kNN test top-1 on frozen features at h (and every head layer if asked)."""
+    mean, std = channel_stats(dataset.train_images)
+    all_layers = config.probe_layers == "all"
+    train = extract_features(method, dataset.train_images, mean, std, device, all_layers)
+    test = extract_features(method, dataset.test_images, mean, std, device, all_layers)
+    metrics: dict[str, float] = {}
+    for layer in train:
+        suffix = "" if layer == "h" else f"_{layer}"
+        probe = linear_probe(
+            train[layer], dataset.train_labels, test[layer], dataset.test_labels, dataset.num_classes,
+            config.val_fraction,
+        )
+        metrics[f"linear_top1{suffix}"] = probe.top1
+        if probe.val_top1 is not None:
+            metrics[f"linear_val_top1{suffix}"] = probe.val_top1
+            metrics[f"probe_weight_decay{suffix}"] = probe.weight_decay
+        metrics[f"knn_top1{suffix}"] = knn_top1(
+            train[layer], dataset.train_labels, test[layer], dataset.test_labels, dataset.num_classes,
+            config.knn_k, config.knn_t,
+        )
+    return metrics
+
+
+def preflight(config: TrialConfig) -> None:
+    """Catch every config error that would otherwise surface mid-run, before anything is written."""
+    validate(config)
+    for spec in config.view_specs:
+        parse_view(spec)
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method '{config.method}'; valid methods: {', '.join(METHODS)}")
+    if config.local_crops and not METHODS[config.method].multicrop:
+        raise ConfigError(f"method {config.method} does not use local crops; set local_crops=0")
+    if config.backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{config.backbone}'; valid backbones: {', '.join(BACKBONES)}")
+
+
+def run_trial(
+    config: TrialConfig,
+    store: Store,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    dataset: ImageDataset | None = None,
+) -> TrialOutcome:
+    """Pretrain and evaluate `config`, recording everything in `store`.
+
+    A config whose hash is already `done` in the store is not trained again unless `force`. With `resume`,
+    training continues from the trial's last per-epoch checkpoint. Failures are recorded with their reason;
+    an interruption (Ctrl-C) is recorded as `interrupted` and re-raised.
+    """
+    preflight(config)
+    existing = store.find(config.hash())
+    if existing is not None and existing.status == "done" and not force:
+        return TrialOutcome(
+            existing.id, existing.config_hash, "cached", store.final_metrics(existing.id),
+            collapsed=existing.collapsed, wall_time_s=existing.wall_time_s,
+        )
+    device = resolve_device(config.device)
+    dataset = dataset if dataset is not None else prepare_dataset(config)
+    trial_id = store.begin_trial(config, provenance(device))
+    checkpoint = checkpoint_dir / f"{config.hash()}.pt"
+    started = time.perf_counter()
+    try:
+        method = build_model(config, dataset)
+        method.to(device)
+        baseline = evaluate(method, config.replace(probe_layers="h"), dataset, device)
+        store.log_metrics(trial_id, baseline_prefixed(baseline))
+
+        def record_epoch(record: EpochRecord) -> None:
+            store.log_metrics(trial_id, record.metrics(), epoch=record.epoch)
+
+        result: TrainResult = pretrain(
+            method, config, dataset.train_images, dataset.train_labels, device,
+            checkpoint=checkpoint, resume=resume, reporter=reporter, on_epoch=record_epoch,
+        )
+        metrics = evaluate(method, config, dataset, device)
+        metrics.update(
+            train_seconds=result.train_seconds,
+            images_per_s=result.images_per_s,
+            final_loss=result.history[-1].loss,
+            collapse_ratio=result.history[-1].collapse_ratio,
+        )
+        store.log_metrics(trial_id, metrics)
+    except KeyboardInterrupt:
+        store.finish_trial(trial_id, "interrupted", "interrupted by the user", None, time.perf_counter() - started)
+        raise
+    except Exception as exc:  # recorded with its reason, then re-raised for the caller to report
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        store.finish_trial(trial_id, "failed", reason, None, time.perf_counter() - started)
+        raise
+    wall = time.perf_counter() - started
+    store.finish_trial(trial_id, "done", None, result.collapsed, wall)
+    if checkpoint.exists():
+        os.remove(checkpoint)
+    return TrialOutcome(trial_id, config.hash(), "done", {**baseline_prefixed(baseline), **metrics},
+                        collapsed=result.collapsed, wall_time_s=wall)
+
+
+def baseline_prefixed(baseline: dict[str, float]) -> dict[str, float]:
+    return {f"baseline_{name}": value for name, value in baseline.items()}

@@ -1,0 +1,250 @@
+"""The results store: trials (full config, hash, status, provenance) and their metrics, in any SQL database.
+
+SQLite at results/sslab.db by default (WAL mode, so several processes can write at once); any SQLAlchemy
+URL (e.g. postgresql+psycopg://...) via --db or SSLAB_DB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sslab.config import TrialConfig
+from sslab.errors import SslabError
+
+DEFAULT_DB = "sqlite:///results/sslab.db"
+
+
+class StoreError(SslabError):
+    """The results store cannot be opened or written."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TrialRow(Base):
+    __tablename__ = "trials"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    config_hash: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    method: Mapped[str] = mapped_column(String(64), index=True)
+    dataset: Mapped[str] = mapped_column(String(256))
+    backbone: Mapped[str] = mapped_column(String(64))
+    config_json: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | done | failed | interrupted
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    collapsed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    wall_time_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    torch_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sslab_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    git_commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hostname: Mapped[str | None] = mapped_column(String(256), nullable=True)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.config_json)
+
+
+class MetricRow(Base):
+    __tablename__ = "metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: a final metric
+
+
+@dataclass(frozen=True)
+class Provenance:
+    device: str
+    torch_version: str
+    sslab_version: str
+    git_commit: str | None
+    hostname: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def resolve_url(url: str | None) -> str:
+    return url or os.environ.get("SSLAB_DB") or DEFAULT_DB
+
+
+def _enable_sqlite_wal(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+
+class Store:
+    """Transactional access to trials and metrics."""
+
+    def __init__(self, url: str | None = None, create: bool = True) -> None:
+        self.url = resolve_url(url)
+        try:
+            parsed = make_url(self.url)
+        except ArgumentError:
+            raise StoreError(f"invalid database URL {self.url!r}; expected e.g. sqlite:///results/sslab.db") from None
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            path = Path(parsed.database)
+            if not create and not path.exists():
+                raise StoreError(f"no results store at {path}; run a trial first or pass --db")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the folder for {path}: {exc.strerror}") from None
+        try:
+            self.engine = create_engine(self.url, future=True, pool_pre_ping=True)
+        except (ArgumentError, ImportError, SQLAlchemyError) as exc:
+            raise StoreError(f"cannot open database {self.url!r}: {str(exc).splitlines()[0]}") from None
+        if parsed.get_backend_name() == "sqlite":
+            _enable_sqlite_wal(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot open database {self.url!r}: {str(exc).splitlines()[0]}") from None
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on any error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except OperationalError as exc:
+            session.rollback()
+            raise StoreError(f"database error on {self.url}: {str(exc.orig).splitlines()[0]}") from None
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    # --- writing -------------------------------------------------------------------------------------
+
+    def begin_trial(self, config: TrialConfig, provenance: Provenance) -> int:
+        """Record a trial as running (replacing an earlier attempt of the same config); returns its id."""
+        now = _now()
+        with self.session() as session:
+            row = session.scalar(select(TrialRow).where(TrialRow.config_hash == config.hash()))
+            if row is None:
+                row = TrialRow(config_hash=config.hash(), created_at=now)
+                session.add(row)
+            else:
+                session.execute(delete(MetricRow).where(MetricRow.trial_id == row.id))
+            row.method, row.dataset, row.backbone = config.method, config.dataset, config.backbone
+            row.config_json = json.dumps(config.identity(), sort_keys=True)
+            row.status, row.reason, row.collapsed = "running", None, None
+            row.started_at, row.heartbeat_at, row.finished_at, row.wall_time_s = now, now, None, None
+            row.device, row.torch_version = provenance.device, provenance.torch_version
+            row.sslab_version, row.git_commit = provenance.sslab_version, provenance.git_commit
+            row.hostname = provenance.hostname
+            session.flush()
+            return row.id
+
+    def log_metrics(self, trial_id: int, metrics: Mapping[str, float], epoch: int | None = None) -> None:
+        with self.session() as session:
+            session.add_all(
+                MetricRow(trial_id=trial_id, name=name, value=float(value), epoch=epoch)
+                for name, value in metrics.items()
+            )
+            row = session.get(TrialRow, trial_id)
+            if row is not None:
+                row.heartbeat_at = _now()
+
+    def finish_trial(
+        self,
+        trial_id: int,
+        status: str,
+        reason: str | None = None,
+        collapsed: bool | None = None,
+        wall_time_s: float | None = None,
+    ) -> None:
+        with self.session() as session:
+            row = session.get(TrialRow, trial_id)
+            if row is None:
+                raise StoreError(f"trial {trial_id} is not in {self.url}")
+            row.status, row.reason, row.collapsed = status, reason, collapsed
+            row.finished_at, row.wall_time_s = _now(), wall_time_s
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    def find(self, config_hash: str) -> TrialRow | None:
+        with self.session() as session:
+            return session.scalar(select(TrialRow).where(TrialRow.config_hash == config_hash))
+
+    def trials(self) -> list[TrialRow]:
+        with self.session() as session:
+            return list(session.scalars(select(TrialRow).order_by(TrialRow.id)))
+
+    def metrics(self, trial_id: int) -> list[MetricRow]:
+        with self.session() as session:
+            return list(session.scalars(select(MetricRow).where(MetricRow.trial_id == trial_id)))
+
+    def final_metrics(self, trial_id: int) -> dict[str, float]:
+        return {m.name: m.value for m in self.metrics(trial_id) if m.epoch is None}
+
+    def results_frame(self) -> pd.DataFrame:
+        """One row per trial: identity, status, provenance, every config field and every final metric."""
+        with self.session() as session:
+            trials = list(session.scalars(select(TrialRow).order_by(TrialRow.id)))
+            finals = session.execute(
+                select(MetricRow.trial_id, MetricRow.name, MetricRow.value).where(MetricRow.epoch.is_(None))
+            ).all()
+        by_trial: dict[int, dict[str, float]] = {}
+        for trial_id, name, value in finals:
+            by_trial.setdefault(trial_id, {})[name] = value
+        rows = []
+        for trial in trials:
+            rows.append(
+                {
+                    "id": trial.id,
+                    "hash": trial.config_hash,
+                    "status": trial.status,
+                    "collapsed": trial.collapsed,
+                    "reason": trial.reason,
+                    "wall_time_s": trial.wall_time_s,
+                    "device": trial.device,
+                    "finished_at": trial.finished_at.isoformat() if trial.finished_at else None,
+                    **trial.config,
+                    **by_trial.get(trial.id, {}),
+                }
+            )
+        return pd.DataFrame(rows)

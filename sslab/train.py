@@ -1,0 +1,288 @@
+"""The pretraining loop: batched on-device augmentation, mixed precision, schedule, checkpoints, progress."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sslab.augment import View, parse_view
+from sslab.augment.spec import Step
+from sslab.config import TrialConfig
+from sslab.errors import SslabError
+from sslab.methods import Method
+from sslab.optim import build_optimizer, lr_at, scaled_lr
+
+COLLAPSE_RATIO = 0.1  # output std below 0.1/sqrt(d) means the outputs have (nearly) collapsed to a point
+
+
+class TrialFailed(SslabError):
+    """Training cannot go on (non-finite loss, ...); the message is the reason stored with the trial."""
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    loss: float
+    output_std: float  # mean over dims of the std of l2-normalised outputs (SimSiam Fig. 2)
+    collapse_ratio: float  # output_std * sqrt(d): ~1 when healthy, ~0 when collapsed
+    lr: float
+    images_per_s: float
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "loss": self.loss,
+            "output_std": self.output_std,
+            "collapse_ratio": self.collapse_ratio,
+            "lr": self.lr,
+            "images_per_s": self.images_per_s,
+            "epoch_seconds": self.seconds,
+        }
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    train_seconds: float = 0.0
+    resumed_from_epoch: int = 0
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(self.history) and self.history[-1].collapse_ratio < COLLAPSE_RATIO
+
+    @property
+    def images_per_s(self) -> float:
+        rates = [r.images_per_s for r in self.history]
+        return sum(rates) / len(rates) if rates else 0.0
+
+
+class Reporter(Protocol):
+    def start(self, total_steps: int, done_steps: int) -> None: ...
+    def step(self, done_steps: int, loss: float, images_per_s: float) -> None: ...
+    def epoch(self, record: EpochRecord) -> None: ...
+    def finish(self) -> None: ...
+
+
+class SilentReporter:
+    def start(self, total_steps: int, done_steps: int) -> None:
+        pass
+
+    def step(self, done_steps: int, loss: float, images_per_s: float) -> None:
+        pass
+
+    def epoch(self, record: EpochRecord) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SslabError(f"device {name} requested but CUDA is not available; use --device cpu or auto")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise SslabError("device mps requested but MPS is not available; use --device cpu or auto")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting, None for full fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    # auto: CPUs without native bf16 run autocast slower than fp32, so only accelerators get it.
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units, shaped (1, C, 1, 1)."""
+    sample = images[:: max(1, images.shape[0] // 5000)].float() / 255.0
+    mean = sample.mean(dim=(0, 2, 3), keepdim=True)
+    std = sample.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+    return mean, std
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """The views drawn per image: two global views, then `local_crops` small local crops (multi-crop)."""
+
+    global_views: tuple[View, ...]
+    local_view: View | None
+    local_crops: int
+    local_size: int
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> list[Tensor]:
+        views = [view(x, generator) for view in self.global_views]
+        if self.local_view is not None:
+            for _ in range(self.local_crops):
+                crop = self.local_view(x, generator)
+                views.append(F.interpolate(crop, size=self.local_size, mode="bilinear", antialias=True))
+        return views
+
+
+def plan_views(config: TrialConfig, image_size: int) -> ViewPlan:
+    """Global views from --aug/--aug1/--aug2; local crops reuse the first view's ops with a smaller crop."""
+    global_views = tuple(parse_view(spec) for spec in config.view_specs)
+    if config.local_crops == 0:
+        return ViewPlan(global_views, None, 0, image_size)
+    low, high = (float(v) for v in config.local_scale.split("-"))
+    crop = parse_view(f"crop(scale={low}-{high})").steps[0]
+    steps = [step for step in global_views[0].steps if step.op.name != "crop"]
+    local = View([Step(crop.op, {**crop.params, "scale": (low, high)}), *steps])
+    size = config.local_size or max(8, round(image_size * 3 / 7))
+    return ViewPlan(global_views, local, config.local_crops, size)
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    return max(1, num_images // batch_size)
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+
+
+def pretrain(
+    method: Method,
+    config: TrialConfig,
+    images: Tensor,
+    labels: Tensor,
+    device: torch.device,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainResult:
+    """Pretrain `method` on uint8 `images` (N, C, H, W) held on `device`; returns the per-epoch history.
+
+    `on_epoch` runs after each epoch's checkpoint is written (the store records metrics there).
+    """
+    reporter = reporter or SilentReporter()
+    views = plan_views(config, images.shape[-1])
+    mean, std = (t.to(device) for t in channel_stats(images))
+    images, labels = images.to(device), labels.to(device)
+    channels_last = device.type != "mps"
+    method.to(device)
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, method)
+    amp_dtype = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    per_epoch = steps_per_epoch(images.shape[0], config.batch_size)
+    total_steps = per_epoch * config.epochs
+    warmup_steps = round(config.warmup_epochs * per_epoch)
+    base_lr = scaled_lr(config)
+    sampler = torch.Generator().manual_seed(config.seed)
+    augment_rng = torch.Generator(device=device).manual_seed(config.seed + 1)
+    result = TrainResult()
+    start_epoch = 0
+
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        sampler.set_state(state["sampler"])
+        augment_rng.set_state(state["augment_rng"].cpu() if device.type == "cpu" else state["augment_rng"])
+        result.history = [EpochRecord(**r) for r in state["history"]]
+        result.train_seconds = state["train_seconds"]
+        start_epoch = result.resumed_from_epoch = state["epoch"]
+        if on_epoch is not None:
+            for record in result.history:
+                on_epoch(record)
+
+    reporter.start(total_steps, start_epoch * per_epoch)
+    method.train()
+    for epoch in range(start_epoch, config.epochs):
+        epoch_start = time.perf_counter()
+        order = torch.randperm(images.shape[0], generator=sampler)
+        loss_sum = torch.zeros((), device=device)
+        std_sum = torch.zeros((), device=device)
+        width = 1
+        lr = base_lr
+        for index in range(per_epoch):
+            step = epoch * per_epoch + index
+            lr = lr_at(step, total_steps, warmup_steps, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch_index = order[index * config.batch_size : (index + 1) * config.batch_size].to(device)
+            x = images[batch_index].float().div_(255.0)  # (B, C, H, W)
+            batch_views = [(view - mean) / std for view in views(x, augment_rng)]
+            if channels_last:
+                batch_views = [v.contiguous(memory_format=torch.channels_last) for v in batch_views]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = method(batch_views, labels[batch_index])
+            loss = out.loss.float()
+            if not torch.isfinite(loss):
+                raise TrialFailed(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {index + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            method.after_step((step + 1) / total_steps)
+            with torch.no_grad():
+                embedding = F.normalize(out.embedding.detach().float(), dim=1)
+                width = embedding.shape[1]
+                std_sum += embedding.std(dim=0).mean()
+                loss_sum += loss.detach()
+            elapsed = time.perf_counter() - epoch_start
+            reporter.step(step + 1, loss.item(), (index + 1) * config.batch_size / max(elapsed, 1e-9))
+        seconds = time.perf_counter() - epoch_start
+        output_std = (std_sum / per_epoch).item()
+        record = EpochRecord(
+            epoch=epoch + 1,
+            loss=(loss_sum / per_epoch).item(),
+            output_std=output_std,
+            collapse_ratio=output_std * math.sqrt(width),
+            lr=lr,
+            images_per_s=per_epoch * config.batch_size / seconds,
+            seconds=seconds,
+        )
+        result.history.append(record)
+        result.train_seconds += seconds
+        if checkpoint is not None:
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "epoch": epoch + 1,
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "sampler": sampler.get_state(),
+                    "augment_rng": augment_rng.get_state(),
+                    "history": [r.__dict__ for r in result.history],
+                    "train_seconds": result.train_seconds,
+                },
+            )
+        reporter.epoch(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    reporter.finish()
+    method.eval()
+    return result
+

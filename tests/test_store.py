@@ -1,0 +1,65 @@
+import multiprocessing as mp
+
+import pytest
+
+from sslab.config import TrialConfig
+from sslab.store import Provenance, Store, StoreError
+
+PROVENANCE = Provenance("cpu", "test", "0", None, "host")
+
+
+def test_trial_lifecycle(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    config = TrialConfig(epochs=1)
+    trial_id = store.begin_trial(config, PROVENANCE)
+    store.log_metrics(trial_id, {"loss": 2.0}, epoch=1)
+    store.log_metrics(trial_id, {"linear_top1": 0.5})
+    store.finish_trial(trial_id, "done", collapsed=False, wall_time_s=3.0)
+    row = store.find(config.hash())
+    assert row is not None and row.status == "done" and row.config["epochs"] == 1
+    assert store.final_metrics(trial_id) == {"linear_top1": 0.5}
+    frame = store.results_frame()
+    assert frame.loc[0, "linear_top1"] == 0.5 and frame.loc[0, "status"] == "done"
+
+
+def test_rerun_replaces_metrics_and_keeps_one_row(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    config = TrialConfig()
+    first = store.begin_trial(config, PROVENANCE)
+    store.log_metrics(first, {"linear_top1": 0.1})
+    store.finish_trial(first, "failed", reason="boom")
+    second = store.begin_trial(config, PROVENANCE)
+    assert second == first
+    assert store.final_metrics(second) == {}
+    assert len(store.trials()) == 1 and store.trials()[0].status == "running"
+
+
+def _writer(url: str, worker: int) -> None:
+    store = Store(url)
+    for index in range(15):
+        config = TrialConfig(seed=worker * 100 + index)
+        trial_id = store.begin_trial(config, PROVENANCE)
+        store.log_metrics(trial_id, {"a": 1.0, "b": 2.0})
+        store.finish_trial(trial_id, "done")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    Store(url)
+    processes = [mp.get_context("spawn").Process(target=_writer, args=(url, w)) for w in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    store = Store(url)
+    trials = store.trials()
+    assert len(trials) == 45 and all(t.status == "done" for t in trials)
+    assert all(store.final_metrics(t.id) == {"a": 1.0, "b": 2.0} for t in trials)
+
+
+def test_bad_urls_are_one_line_errors(tmp_path) -> None:
+    with pytest.raises(StoreError, match="invalid database URL"):
+        Store("not a url")
+    with pytest.raises(StoreError, match="no results store"):
+        Store(f"sqlite:///{tmp_path / 'absent.db'}", create=False)
