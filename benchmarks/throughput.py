@@ -25,7 +25,9 @@ from sslab.train import autocast_dtype, resolve_device
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="smallcnn")
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--image-size", type=int, default=32)
@@ -40,7 +42,10 @@ def main() -> None:
 
     device = resolve_device(args.device)
     config = TrialConfig(
-        method=args.method, backbone=args.backbone, batch_size=args.batch_size, aug=args.aug,
+        method=args.method,
+        backbone=args.backbone,
+        batch_size=args.batch_size,
+        aug=args.aug,
         precision=args.precision,
     )
     torch.manual_seed(0)
@@ -52,7 +57,9 @@ def main() -> None:
     amp = autocast_dtype(args.precision, device)
     views = [parse_view(spec) for spec in config.view_specs]
     generator = torch.Generator(device=device).manual_seed(0)
-    images = torch.randint(0, 256, (args.batch_size, args.channels, args.image_size, args.image_size), dtype=torch.uint8)
+    images = torch.randint(
+        0, 256, (args.batch_size, args.channels, args.image_size, args.image_size), dtype=torch.uint8
+    )
     images = images.to(device)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
 

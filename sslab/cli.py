@@ -24,7 +24,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Datasets: where they are looked for and whether they are present.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: where they are looked for and whether they are present.", no_args_is_help=True
+)
 augment_app = typer.Typer(help="Augmentation ops that views are built from.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(augment_app, name="augment")
@@ -33,7 +35,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 DbOption = Annotated[
-    str | None, typer.Option("--db", help="results store URL (default $SSLAB_DB or sqlite:///results/sslab.db)")
+    str | None,
+    typer.Option("--db", help="results store URL (default $SSLAB_DB or sqlite:///results/sslab.db)"),
 ]
 
 
@@ -47,7 +50,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 warnings.simplefilter("always")
                 result = command(*args, **kwargs)
             for warning in caught:
-                if issubclass(warning.category, UserWarning) and warning.category.__module__.startswith("sslab"):
+                if issubclass(warning.category, UserWarning) and warning.category.__module__.startswith(
+                    "sslab"
+                ):
                     err_console.print(f"[yellow]warning:[/] {warning.message}")
             return result
         except SslabError as exc:
@@ -145,7 +150,9 @@ def _install_run_command() -> None:
         inspect.Parameter(
             "config_file",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, "--config", help="TOML file with any of the fields below", exists=False),
+            default=typer.Option(
+                None, "--config", help="TOML file with any of the fields below", exists=False
+            ),
             annotation=Path | None,
         ),
         inspect.Parameter(
@@ -169,7 +176,9 @@ def _install_run_command() -> None:
         inspect.Parameter(
             "db",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, "--db", help="results store URL (default $SSLAB_DB or results/sslab.db)"),
+            default=typer.Option(
+                None, "--db", help="results store URL (default $SSLAB_DB or results/sslab.db)"
+            ),
             annotation=str | None,
         ),
         inspect.Parameter(
@@ -197,8 +206,19 @@ _install_run_command()
 # --- sslab results ---------------------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = [
-    "id", "hash", "method", "dataset", "backbone", "epochs", "batch_size", "status", "linear_top1", "knn_top1",
-    "baseline_linear_top1", "collapsed", "wall_time_s",
+    "id",
+    "hash",
+    "method",
+    "dataset",
+    "backbone",
+    "epochs",
+    "batch_size",
+    "status",
+    "linear_top1",
+    "knn_top1",
+    "baseline_linear_top1",
+    "collapsed",
+    "wall_time_s",
 ]
 
 

@@ -123,7 +123,10 @@ class TrialConfig:
 
     @property
     def view_specs(self) -> tuple[str, str]:
-        return (self.aug1 if self.aug1 is not None else self.aug, self.aug2 if self.aug2 is not None else self.aug)
+        return (
+            self.aug1 if self.aug1 is not None else self.aug,
+            self.aug2 if self.aug2 is not None else self.aug,
+        )
 
     def replace(self, **changes: Any) -> TrialConfig:
         return from_mapping({**self.to_dict(), **changes})
@@ -138,12 +141,33 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "probe_layers": ("h", "all"),
 }
 _POSITIVE = (
-    "epochs", "batch_size", "out_dim", "knn_k", "temperature", "knn_t", "lr", "pred_width", "prototypes",
-    "sinkhorn_eps", "sinkhorn_iters", "teacher_temp", "teacher_temp_start", "negatives",
+    "epochs",
+    "batch_size",
+    "out_dim",
+    "knn_k",
+    "temperature",
+    "knn_t",
+    "lr",
+    "pred_width",
+    "prototypes",
+    "sinkhorn_eps",
+    "sinkhorn_iters",
+    "teacher_temp",
+    "teacher_temp_start",
+    "negatives",
 )
 _NON_NEGATIVE = (
-    "head", "weight_decay", "momentum", "warmup_epochs", "seed", "queue_size", "freeze_prototypes",
-    "local_crops", "local_size", "teacher_temp_epochs", "lambd",
+    "head",
+    "weight_decay",
+    "momentum",
+    "warmup_epochs",
+    "seed",
+    "queue_size",
+    "freeze_prototypes",
+    "local_crops",
+    "local_size",
+    "teacher_temp_epochs",
+    "lambd",
 )
 _UNIT_INTERVAL = ("ema", "center_momentum", "bank_momentum")
 

@@ -19,7 +19,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, normalize: bool = 
     the other 2N - 2 embeddings are the negatives.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"nt_xent expects two (N, D) tensors of equal shape, got {tuple(z1.shape)}, {tuple(z2.shape)}")
+        raise ValueError(
+            f"nt_xent expects two (N, D) tensors of equal shape, got {tuple(z1.shape)}, {tuple(z2.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = z1.shape[0]

@@ -54,10 +54,10 @@ class LARS(torch.optim.Optimizer):
         return None
 
 
-def _split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def _split_decay(parameters: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weights, biases and normalisation parameters): the second group gets no weight decay."""
     decay, no_decay = [], []
-    for parameter in model.parameters():
+    for parameter in parameters:
         if not parameter.requires_grad:
             continue
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)
@@ -68,13 +68,22 @@ def scaled_lr(config: TrialConfig) -> float:
     return config.lr * config.batch_size / 256
 
 
-def build_optimizer(config: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = _split_decay(model)
+def build_optimizer(
+    config: TrialConfig, model: nn.Module, fixed_lr: Iterable[nn.Parameter] = ()
+) -> torch.optim.Optimizer:
+    """Parameter groups: weights with decay, biases/norms without; `fixed_lr` ones skip the schedule."""
+    fixed = list(fixed_lr)
+    fixed_ids = {id(p) for p in fixed}
+    decay, no_decay = _split_decay(p for p in model.parameters() if id(p) not in fixed_ids)
+    fixed_decay, fixed_no_decay = _split_decay(fixed)
     lr = scaled_lr(config)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+        {"params": fixed_decay, "weight_decay": config.weight_decay, "fixed_lr": True},
+        {"params": fixed_no_decay, "weight_decay": 0.0, "lars_exclude": True, "fixed_lr": True},
     ]
+    groups = [group for group in groups if group["params"]]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
     if config.optimizer == "lars":

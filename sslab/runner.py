@@ -41,7 +41,10 @@ def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -84,7 +87,9 @@ def build_model(config: TrialConfig, dataset: ImageDataset) -> Method:
     return build_method(config, backbone, dataset.num_classes)
 
 
-def evaluate(method: Method, config: TrialConfig, dataset: ImageDataset, device: torch.device) -> dict[str, float]:
+def evaluate(
+    method: Method, config: TrialConfig, dataset: ImageDataset, device: torch.device
+) -> dict[str, float]:
     """Linear-probe and kNN test top-1 on frozen features at h (and every head layer if asked)."""
     mean, std = channel_stats(dataset.train_images)
     all_layers = config.probe_layers == "all"
@@ -94,7 +99,11 @@ def evaluate(method: Method, config: TrialConfig, dataset: ImageDataset, device:
     for layer in train:
         suffix = "" if layer == "h" else f"_{layer}"
         probe = linear_probe(
-            train[layer], dataset.train_labels, test[layer], dataset.test_labels, dataset.num_classes,
+            train[layer],
+            dataset.train_labels,
+            test[layer],
+            dataset.test_labels,
+            dataset.num_classes,
             config.val_fraction,
         )
         metrics[f"linear_top1{suffix}"] = probe.top1
@@ -102,8 +111,13 @@ def evaluate(method: Method, config: TrialConfig, dataset: ImageDataset, device:
             metrics[f"linear_val_top1{suffix}"] = probe.val_top1
             metrics[f"probe_weight_decay{suffix}"] = probe.weight_decay
         metrics[f"knn_top1{suffix}"] = knn_top1(
-            train[layer], dataset.train_labels, test[layer], dataset.test_labels, dataset.num_classes,
-            config.knn_k, config.knn_t,
+            train[layer],
+            dataset.train_labels,
+            test[layer],
+            dataset.test_labels,
+            dataset.num_classes,
+            config.knn_k,
+            config.knn_t,
         )
     return metrics
 
@@ -141,8 +155,12 @@ def run_trial(
     existing = store.find(config.hash())
     if existing is not None and existing.status == "done" and not force:
         return TrialOutcome(
-            existing.id, existing.config_hash, "cached", store.final_metrics(existing.id),
-            collapsed=existing.collapsed, wall_time_s=existing.wall_time_s,
+            existing.id,
+            existing.config_hash,
+            "cached",
+            store.final_metrics(existing.id),
+            collapsed=existing.collapsed,
+            wall_time_s=existing.wall_time_s,
         )
     device = resolve_device(config.device)
     dataset = dataset if dataset is not None else prepare_dataset(config)
@@ -159,8 +177,15 @@ def run_trial(
             store.log_metrics(trial_id, record.metrics(), epoch=record.epoch)
 
         result: TrainResult = pretrain(
-            method, config, dataset.train_images, dataset.train_labels, device,
-            checkpoint=checkpoint, resume=resume, reporter=reporter, on_epoch=record_epoch,
+            method,
+            config,
+            dataset.train_images,
+            dataset.train_labels,
+            device,
+            checkpoint=checkpoint,
+            resume=resume,
+            reporter=reporter,
+            on_epoch=record_epoch,
         )
         metrics = evaluate(method, config, dataset, device)
         metrics.update(
@@ -171,7 +196,9 @@ def run_trial(
         )
         store.log_metrics(trial_id, metrics)
     except KeyboardInterrupt:
-        store.finish_trial(trial_id, "interrupted", "interrupted by the user", None, time.perf_counter() - started)
+        store.finish_trial(
+            trial_id, "interrupted", "interrupted by the user", None, time.perf_counter() - started
+        )
         raise
     except Exception as exc:  # recorded with its reason, then re-raised for the caller to report
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -181,8 +208,14 @@ def run_trial(
     store.finish_trial(trial_id, "done", None, result.collapsed, wall)
     if checkpoint.exists():
         os.remove(checkpoint)
-    return TrialOutcome(trial_id, config.hash(), "done", {**baseline_prefixed(baseline), **metrics},
-                        collapsed=result.collapsed, wall_time_s=wall)
+    return TrialOutcome(
+        trial_id,
+        config.hash(),
+        "done",
+        {**baseline_prefixed(baseline), **metrics},
+        collapsed=result.collapsed,
+        wall_time_s=wall,
+    )
 
 
 def baseline_prefixed(baseline: dict[str, float]) -> dict[str, float]:

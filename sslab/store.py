@@ -24,6 +24,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     delete,
     event,
@@ -85,6 +86,32 @@ class MetricRow(Base):
     epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: a final metric
 
 
+class StudyRow(Base):
+    """A study: its name and the full study spec it was run from (JSON)."""
+
+    __tablename__ = "studies"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    spec_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class StudyTrialRow(Base):
+    """Membership of a trial (by config hash) in a study, with the trial's values on the study's axes."""
+
+    __tablename__ = "study_trials"
+    __table_args__ = (UniqueConstraint("study", "config_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study: Mapped[str] = mapped_column(ForeignKey("studies.name", ondelete="CASCADE"), index=True)
+    config_hash: Mapped[str] = mapped_column(String(32), index=True)
+    axes_json: Mapped[str] = mapped_column(Text)  # {"axis name": value, ...}, seed included
+
+    @property
+    def axes(self) -> dict[str, Any]:
+        return json.loads(self.axes_json)
+
+
 @dataclass(frozen=True)
 class Provenance:
     device: str
@@ -120,7 +147,9 @@ class Store:
         try:
             parsed = make_url(self.url)
         except ArgumentError:
-            raise StoreError(f"invalid database URL {self.url!r}; expected e.g. sqlite:///results/sslab.db") from None
+            raise StoreError(
+                f"invalid database URL {self.url!r}; expected e.g. sqlite:///results/sslab.db"
+            ) from None
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             path = Path(parsed.database)
             if not create and not path.exists():
@@ -221,10 +250,63 @@ class Store:
     def final_metrics(self, trial_id: int) -> dict[str, float]:
         return {m.name: m.value for m in self.metrics(trial_id) if m.epoch is None}
 
-    def results_frame(self) -> pd.DataFrame:
+    # --- studies -------------------------------------------------------------------------------------
+
+    def register_study(self, name: str, spec: Mapping[str, Any]) -> None:
+        """Create or update a study's record (its spec may grow: new seeds or axis values)."""
+        with self.session() as session:
+            row = session.get(StudyRow, name)
+            if row is None:
+                session.add(
+                    StudyRow(name=name, spec_json=json.dumps(spec, sort_keys=True), created_at=_now())
+                )
+            else:
+                row.spec_json = json.dumps(spec, sort_keys=True)
+
+    def add_study_trial(self, study: str, config_hash: str, axes: Mapping[str, Any]) -> None:
+        """Record that `config_hash` belongs to `study` at these axis values (idempotent)."""
+        with self.session() as session:
+            row = session.scalar(
+                select(StudyTrialRow).where(
+                    StudyTrialRow.study == study, StudyTrialRow.config_hash == config_hash
+                )
+            )
+            if row is None:
+                session.add(
+                    StudyTrialRow(study=study, config_hash=config_hash, axes_json=json.dumps(dict(axes)))
+                )
+            else:
+                row.axes_json = json.dumps(dict(axes))
+
+    def studies(self) -> list[StudyRow]:
+        with self.session() as session:
+            return list(session.scalars(select(StudyRow).order_by(StudyRow.name)))
+
+    def study_frame(self, study: str) -> pd.DataFrame:
+        """results_frame() restricted to the study's trials, with one column per study axis (prefix `axis.`).
+
+        Trials of the study that have not started yet appear with status `pending`.
+        """
+        with self.session() as session:
+            members = list(session.scalars(select(StudyTrialRow).where(StudyTrialRow.study == study)))
+        if not members:
+            return pd.DataFrame()
+        results = self.results_frame(hashes={m.config_hash for m in members})
+        by_hash = results.set_index("hash").to_dict("index") if not results.empty else {}
+        rows = []
+        for member in members:
+            row = {"hash": member.config_hash, "status": "pending", **by_hash.get(member.config_hash, {})}
+            row.update({f"axis.{name}": value for name, value in member.axes.items()})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def results_frame(self, hashes: set[str] | None = None) -> pd.DataFrame:
         """One row per trial: identity, status, provenance, every config field and every final metric."""
         with self.session() as session:
-            trials = list(session.scalars(select(TrialRow).order_by(TrialRow.id)))
+            query = select(TrialRow).order_by(TrialRow.id)
+            if hashes is not None:
+                query = query.where(TrialRow.config_hash.in_(hashes))
+            trials = list(session.scalars(query))
             finals = session.execute(
                 select(MetricRow.trial_id, MetricRow.name, MetricRow.value).where(MetricRow.epoch.is_(None))
             ).all()

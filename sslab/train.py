@@ -189,7 +189,7 @@ def pretrain(
     method.to(device)
     if channels_last:
         method.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config, method)
+    optimizer = build_optimizer(config, method, method.fixed_lr_parameters())
     amp_dtype = autocast_dtype(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -229,12 +229,13 @@ def pretrain(
             step = epoch * per_epoch + index
             lr = lr_at(step, total_steps, warmup_steps, base_lr)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = base_lr if group.get("fixed_lr") else lr
             batch_index = order[index * config.batch_size : (index + 1) * config.batch_size].to(device)
             x = images[batch_index].float().div_(255.0)  # (B, C, H, W)
             batch_views = [(view - mean) / std for view in views(x, augment_rng)]
             if channels_last:
                 batch_views = [v.contiguous(memory_format=torch.channels_last) for v in batch_views]
+            method.begin_step(step / total_steps)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = method(batch_views, labels[batch_index])
             loss = out.loss.float()
@@ -242,6 +243,7 @@ def pretrain(
                 raise TrialFailed(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {index + 1}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            method.before_optimizer_step(step / total_steps)
             scaler.step(optimizer)
             scaler.update()
             method.after_step((step + 1) / total_steps)
@@ -285,4 +287,3 @@ def pretrain(
     reporter.finish()
     method.eval()
     return result
-

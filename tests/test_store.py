@@ -63,3 +63,21 @@ def test_bad_urls_are_one_line_errors(tmp_path) -> None:
         Store("not a url")
     with pytest.raises(StoreError, match="no results store"):
         Store(f"sqlite:///{tmp_path / 'absent.db'}", create=False)
+
+
+def test_study_membership_and_frame(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    done, pending = TrialConfig(seed=1), TrialConfig(seed=2)
+    store.register_study("demo", {"axes": {"seed": [1, 2]}})
+    store.add_study_trial("demo", done.hash(), {"seed": 1})
+    store.add_study_trial("demo", pending.hash(), {"seed": 2})
+    store.add_study_trial("demo", pending.hash(), {"seed": 2})  # idempotent
+    trial_id = store.begin_trial(done, PROVENANCE)
+    store.log_metrics(trial_id, {"linear_top1": 0.7})
+    store.finish_trial(trial_id, "done")
+    frame = store.study_frame("demo").set_index("axis.seed")
+    assert len(frame) == 2
+    assert frame.loc[1, "status"] == "done" and frame.loc[1, "linear_top1"] == 0.7
+    assert frame.loc[2, "status"] == "pending"
+    assert [s.name for s in store.studies()] == ["demo"]
+    assert store.study_frame("absent").empty

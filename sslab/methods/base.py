@@ -48,8 +48,18 @@ class Method(nn.Module):
     def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def begin_step(self, progress: float) -> None:
+        """Called before each forward with the fraction of training done so far (schedules, warm-ups)."""
+
+    def before_optimizer_step(self, progress: float) -> None:
+        """Called after backward, before the optimiser step (e.g. to zero gradients of frozen parts)."""
+
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step with the fraction of training done (momentum/EMA updates)."""
+
+    def fixed_lr_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose learning rate stays at the base rate instead of following the schedule."""
+        return []
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -38,7 +38,9 @@ class SmallCNN(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)  # (N, D)
 
 
-def _resnet(factory: Callable[..., torchvision.models.ResNet], in_channels: int, cifar_stem: bool) -> nn.Module:
+def _resnet(
+    factory: Callable[..., torchvision.models.ResNet], in_channels: int, cifar_stem: bool
+) -> nn.Module:
     model = factory(weights=None)
     if cifar_stem:
         # Small images lose too much resolution to a 7x7 stride-2 stem and a max-pool (SimCLR appendix B.9).

@@ -28,7 +28,9 @@ class Head(nn.Module):
         for index in range(depth):
             last = index == depth - 1
             width = out_dim if last else hidden_dim
-            block: list[nn.Module] = [nn.Linear(previous, width, bias=not (batch_norm and (not last or last_bn)))]
+            block: list[nn.Module] = [
+                nn.Linear(previous, width, bias=not (batch_norm and (not last or last_bn)))
+            ]
             if batch_norm and (not last or last_bn):
                 block.append(nn.BatchNorm1d(width, affine=not last))
             if not last:
@@ -52,6 +54,11 @@ class Head(nn.Module):
 
 
 def build_head(
-    in_dim: int, depth: int, hidden_dim: int | None, out_dim: int, batch_norm: bool = True, last_bn: bool = False
+    in_dim: int,
+    depth: int,
+    hidden_dim: int | None,
+    out_dim: int,
+    batch_norm: bool = True,
+    last_bn: bool = False,
 ) -> Head:
     return Head(in_dim, depth, hidden_dim or in_dim, out_dim, batch_norm, last_bn)
