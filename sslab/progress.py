@@ -38,7 +38,7 @@ class RichReporter:
 
     def epoch(self, record: EpochRecord) -> None:
         self.console.print(
-            f"  epoch {record.epoch}: loss {record.loss:.4f}  output std x sqrt(d) {record.collapse_ratio:.2f}"
+            f"  epoch {record.epoch}: loss {record.loss:.4f}  collapse ratio {record.collapse_ratio:.2f}"
             f"  {record.images_per_s:,.0f} img/s  {record.seconds:.1f}s"
         )
 

@@ -13,11 +13,11 @@ import torch
 from torch import Tensor
 
 import sslab
+from sslab.augment import parse_view
 from sslab.config import TrialConfig, validate
 from sslab.data import ImageDataset, load_dataset
-from sslab.evaluate import extract_features, knn_top1, linear_probe
-from sslab.augment import parse_view
 from sslab.errors import ConfigError
+from sslab.evaluate import extract_features, knn_top1, linear_probe
 from sslab.methods import METHODS, Method, build_method
 from sslab.models import BACKBONES, build_backbone
 from sslab.store import Provenance, Store
