@@ -21,6 +21,7 @@ from sslab.config import TrialConfig
 from sslab.methods import build_method
 from sslab.models import build_backbone
 from sslab.optim import build_optimizer
+from sslab.runtime import tune_allocator
 from sslab.train import autocast_dtype, resolve_device
 
 
@@ -38,7 +39,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median is reported)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--tune-malloc", action=argparse.BooleanOptionalAction, default=True, help="as the sslab command does"
+    )
     args = parser.parse_args()
+    if args.tune_malloc:
+        tune_allocator()
 
     device = resolve_device(args.device)
     config = TrialConfig(

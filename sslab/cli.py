@@ -275,7 +275,10 @@ def data_list(
     for column in ("dataset", "present", "found at / searched", "description"):
         table.add_column(column)
     for status in dataset_status(data_dir):
-        where = str(status.path) if status.present else "; ".join(str(p) for p in status.searched)
+        if status.present:
+            where = str(status.path) if status.path else "built in"
+        else:
+            where = "; ".join(str(p) for p in status.searched) or "pass imagefolder:PATH"
         table.add_row(status.name, "yes" if status.present else "no", where, status.description)
     console.print(table)
 

@@ -20,6 +20,7 @@ from sslab.config import TrialConfig
 from sslab.errors import SslabError
 from sslab.methods import Method
 from sslab.optim import build_optimizer, lr_at, scaled_lr
+from sslab.runtime import tune_allocator
 
 COLLAPSE_RATIO = 0.1  # output std below 0.1/sqrt(d) means the outputs have (nearly) collapsed to a point
 
@@ -182,11 +183,13 @@ def pretrain(
     `on_epoch` runs after each epoch's checkpoint is written (the store records metrics there).
     """
     reporter = reporter or SilentReporter()
+    tune_allocator()
     views = plan_views(config, images.shape[-1])
     mean, std = (t.to(device) for t in channel_stats(images))
     images, labels = images.to(device), labels.to(device)
     channels_last = device.type != "mps"
     method.to(device)
+    method.num_images = images.shape[0]  # sizes per-image state such as InstDisc's memory bank
     if channels_last:
         method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, method, method.fixed_lr_parameters())
@@ -235,6 +238,7 @@ def pretrain(
             batch_views = [(view - mean) / std for view in views(x, augment_rng)]
             if channels_last:
                 batch_views = [v.contiguous(memory_format=torch.channels_last) for v in batch_views]
+            method.batch_indices = batch_index  # rows of `images` in this batch (InstDisc's memory bank)
             method.begin_step(step / total_steps)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = method(batch_views, labels[batch_index])

@@ -23,12 +23,29 @@ class StepOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class Gather:
+    """All-gather of a tensor's rows across training processes, with gradients; the identity in one process.
+
+    Under torchrun the trainer gives each method a distributed one: rows come back in rank order, so this
+    process's N rows start at row `offset(N)` of the (world_size * N, ...) result.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __call__(self, x: Tensor) -> Tensor:  # (N, ...) -> (world_size * N, ...)
+        return x
+
+    def offset(self, rows: int) -> int:
+        return self.rank * rows
+
+
 class Method(nn.Module):
     """A self-supervised method: built from the config, returns the loss for a batch of views.
 
     `backbone` is the encoder whose frozen features are evaluated; `head` (optional) is the projection
     head whose layers can also be probed. Methods never move themselves to a device or call distributed
-    APIs: the trainer does that.
+    APIs: the trainer does that, and sets `gather` for negatives, codes or centres taken over the global batch.
     """
 
     name: ClassVar[str]
@@ -44,6 +61,7 @@ class Method(nn.Module):
         self.backbone = backbone
         self.head = None
         self.num_classes = num_classes
+        self.gather = Gather()
 
     def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:  # pragma: no cover - interface
         raise NotImplementedError

@@ -1,0 +1,44 @@
+"""Barlow Twins (Zbontar et al. 2021): make the cross-correlation of two views' embeddings the identity.
+
+z_A = g(f(y_A)), z_B = g(f(y_B)) with a wide 3-layer projector g (Linear-BN-ReLU twice, then Linear); the
+loss standardises each dimension over the batch, C = z_A^T z_B / N (D, D), and sums
+(1 - C_ii)^2 + lambda * C_ij^2 (i != j). As in the paper's code, each view passes the network separately,
+so batch-norm statistics are per view.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from sslab.losses import barlow_twins
+from sslab.methods.base import Method, StepOutput, register
+from sslab.models import build_head
+
+
+@register
+class BarlowTwins(Method):
+    name = "barlow"
+    paper = "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction"
+    defaults = {
+        "lambd": 0.0051,
+        "head": 3,
+        # 8192-8192-8192 in the paper (4x ResNet-50's 2048 features); 2048 is solo-learn's CIFAR width and
+        # 8x the small backbone's 256 features (the paper's Fig. 4: wider keeps helping).
+        "head_width": 2048,
+        "out_dim": 2048,
+        "optimizer": "lars",  # LARS as in the paper; lr 0.2 per 256 images, weight decay 1.5e-6
+        "lr": 0.2,
+        "weight_decay": 1.5e-6,
+    }
+
+    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+        super().__init__(config, backbone, num_classes)
+        self.head = build_head(
+            backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn
+        )
+
+    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+        z_a = self.head(self.backbone(views[0]))  # (N, D)
+        z_b = self.head(self.backbone(views[1]))  # (N, D)
+        loss = barlow_twins(z_a, z_b, self.config.lambd)
+        return StepOutput(loss=loss, embedding=z_a)

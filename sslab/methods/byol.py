@@ -1,0 +1,52 @@
+"""BYOL (Grill et al. 2020): an online network predicts a slowly moving target network's projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sslab.losses import byol_loss
+from sslab.methods.base import Method, StepOutput, concat_forward, register
+from sslab.methods.momentum import ema_update, frozen_copy, momentum_at
+from sslab.models import build_head
+
+
+@register
+class BYOL(Method):
+    name = "byol"
+    paper = "Grill et al. 2020, Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning"
+    defaults = {
+        # tau 0.99 rising to 1 on the cosine schedule (0.996 on ImageNet; 0.99 at CIFAR scale, as solo-learn)
+        "out_dim": 256,  # projection q_theta / z_xi of 256 dimensions
+        "optimizer": "lars",  # LARS, biases and batch-norm excluded from adaptation and weight decay
+        "lr": 1.0,  # x batch/256 (0.2 on ImageNet with 1000 epochs; 1.0 for short CIFAR-scale runs)
+        "weight_decay": 1e-5,  # 1.5e-6 on ImageNet
+        "pred_lr_fixed": False,  # BYOL's predictor follows the schedule
+    }
+
+    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+        super().__init__(config, backbone, num_classes)
+        d = config.out_dim
+        self.head = build_head(backbone.feature_dim, config.head, config.head_width, d, config.head_bn)  # g
+        self.predictor = build_head(d, 2, config.pred_width, d, config.pred_bn) if config.predictor else None
+        self.target_backbone = frozen_copy(backbone)  # f_xi
+        self.target_head = frozen_copy(self.head)  # g_xi
+
+    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+        x1, x2 = views[:2]
+        z1, z2 = concat_forward(lambda x: self.head(self.backbone(x)), [x1, x2])  # online z_theta (N, d)
+        p1, p2 = concat_forward(self.predictor, [z1, z2]) if self.predictor else (z1, z2)  # q_theta(z)
+        with torch.no_grad():
+            t1, t2 = concat_forward(lambda x: self.target_head(self.target_backbone(x)), [x1, x2])  # z'_xi
+        loss = byol_loss(p1, t2) + byol_loss(p2, t1)  # L + L~ (eq. 2, symmetrised)
+        return StepOutput(loss=loss, embedding=z1)
+
+    def after_step(self, progress: float) -> None:
+        tau = momentum_at(self.config, progress)  # xi <- tau xi + (1 - tau) theta
+        ema_update(self.target_backbone, self.backbone, tau)
+        ema_update(self.target_head, self.head, tau)
+
+    def fixed_lr_parameters(self) -> list[torch.nn.Parameter]:
+        if self.predictor is None or not self.config.pred_lr_fixed:
+            return []
+        return list(self.predictor.parameters())

@@ -1,0 +1,77 @@
+"""Instance Discrimination (Wu et al. 2018): every image is its own class, with a memory bank and NCE.
+
+v = normalize(W f(x)) (128-d, one linear layer). The memory bank holds one v_i per training image; each
+step scores v against its own entry v_i and m noise entries drawn uniformly from the bank, with the NCE
+objective and a normaliser Z estimated once on the first batch (Sec. 3.2). After the step the entries of
+the batch get the proximal update v_i <- normalize(m v_i + (1 - m) v) (m = `bank_momentum`).
+The paper draws one augmented view per image: only the first view is used.
+
+The trainer sets `num_images` (the training set size, for the bank) and `batch_indices` (the rows of the
+batch in the training set) on the method before each forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sslab.errors import SslabError
+from sslab.losses import instdisc_nce, instdisc_partition
+from sslab.methods.base import Method, StepOutput, register
+from sslab.models import build_head
+
+
+@register
+class InstDisc(Method):
+    name = "instdisc"
+    paper = "Wu et al. 2018, Unsupervised Feature Learning via Non-Parametric Instance Discrimination"
+    defaults = {"head": 1, "out_dim": 128, "temperature": 0.07, "negatives": 4096, "bank_momentum": 0.5}
+
+    num_images: int | None = None
+    batch_indices: Tensor | None = None
+
+    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+        super().__init__(config, backbone, num_classes)
+        self.head = build_head(
+            backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn
+        )
+        self.register_buffer("bank", torch.zeros(0, self.head.out_dim))  # (n, D), allocated on first use
+        self.register_buffer("z", torch.zeros((), dtype=torch.float64))  # Z; 0 until estimated
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # seeds the noise draws
+        self._pending: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+        if self.num_images is None or self.batch_indices is None:
+            raise SslabError("instdisc needs num_images and batch_indices set by the trainer")
+        index = self.batch_indices  # (N,)
+        v = F.normalize(self.head(self.backbone(views[0])), dim=1)  # (N, D)
+        if self.bank.shape[0] != self.num_images:
+            self.bank = F.normalize(torch.randn(self.num_images, v.shape[1], device=v.device), dim=1)
+        n_data, m = self.bank.shape[0], self.config.negatives
+        generator = torch.Generator(v.device).manual_seed(self.config.seed * 1_000_003 + int(self.steps))
+        noise = torch.randint(n_data, (v.shape[0], m), device=v.device, generator=generator)  # P_n = 1/n
+        negatives = self.bank[noise]  # (N, m, D)
+        if self.z <= 0:
+            self.z.fill_(instdisc_partition(v, negatives, n_data, self.config.temperature))
+        loss = instdisc_nce(v, self.bank[index], negatives, n_data, float(self.z), self.config.temperature)
+        self._pending = (index, v.detach())
+        return StepOutput(loss=loss, embedding=v)
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        if self._pending is None:
+            return
+        index, v = self._pending
+        m = self.config.bank_momentum
+        self.bank[index] = F.normalize(m * self.bank[index] + (1 - m) * v.to(self.bank.dtype), dim=1)
+        self.steps.add_(1)
+        self._pending = None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        bank = state_dict.get(prefix + "bank")
+        if bank is not None:  # the bank is sized by the data: take the checkpoint's shape
+            self.bank = torch.empty_like(bank, device=self.bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args)

@@ -1,0 +1,62 @@
+"""MoCo v3 (Chen, Xie & He 2021): MoCo without a queue, keys of the batch from a momentum encoder.
+
+Follows Algorithm 1: q = pred(proj(f_q(x))), k = proj(f_k(x)), ctr(q1, k2) + ctr(q2, k1), each InfoNCE
+scaled by 2T, and the momentum m raised from its base to 1 on a cosine schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sslab.losses import info_nce
+from sslab.methods.base import Method, StepOutput, concat_forward, register
+from sslab.methods.momentum import ema_update, frozen_copy, momentum_at
+from sslab.models import build_head
+
+
+@register
+class MoCoV3(Method):
+    name = "mocov3"
+    paper = "Chen, Xie & He 2021, An Empirical Study of Training Self-Supervised Vision Transformers"
+    defaults = {
+        # base m 0.99 on the cosine schedule, 2-layer projector (its ResNet setting): TrialConfig's defaults
+        "temperature": 1.0,  # T for ResNets (0.2 is its ViT setting)
+        "out_dim": 256,
+        "optimizer": "lars",
+        "lr": 0.6,  # x batch/256, LARS (ResNet-50 setting)
+        "weight_decay": 1e-6,
+        "pred_lr_fixed": False,
+    }
+
+    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+        super().__init__(config, backbone, num_classes)
+        d, bn = config.out_dim, config.head_bn
+        self.head = build_head(backbone.feature_dim, config.head, config.head_width, d, bn, last_bn=bn)
+        self.predictor = (
+            build_head(d, 2, config.pred_width, d, config.pred_bn, last_bn=config.pred_bn)
+            if config.predictor
+            else None
+        )
+        self.momentum_backbone = frozen_copy(backbone)  # f_k
+        self.momentum_head = frozen_copy(self.head)
+
+    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+        x1, x2 = views[:2]
+        z1, z2 = concat_forward(lambda x: self.head(self.backbone(x)), [x1, x2])  # (N, d) each
+        q1, q2 = concat_forward(self.predictor, [z1, z2]) if self.predictor else (z1, z2)  # queries
+        with torch.no_grad():
+            k1, k2 = concat_forward(lambda x: self.momentum_head(self.momentum_backbone(x)), [x1, x2])  # keys
+        t = self.config.temperature
+        loss = 2 * t * (info_nce(q1, k2, None, t) + info_nce(q2, k1, None, t))  # ctr(q1, k2) + ctr(q2, k1)
+        return StepOutput(loss=loss, embedding=z1)
+
+    def after_step(self, progress: float) -> None:
+        m = momentum_at(self.config, progress)  # f_k = m f_k + (1 - m) f_q
+        ema_update(self.momentum_backbone, self.backbone, m)
+        ema_update(self.momentum_head, self.head, m)
+
+    def fixed_lr_parameters(self) -> list[nn.Parameter]:
+        if self.predictor is None or not self.config.pred_lr_fixed:
+            return []
+        return list(self.predictor.parameters())

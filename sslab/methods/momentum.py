@@ -1,0 +1,131 @@
+"""Momentum (key / target / teacher) encoders and the MoCo queue, shared by the methods that use them."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslab.config import TrialConfig
+from sslab.losses import info_nce
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` that the optimiser never updates (requires_grad False everywhere)."""
+    target = copy.deepcopy(module)
+    target.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """target <- tau * target + (1 - tau) * online, for parameters and floating buffers.
+
+    Integer buffers (batch-norm's num_batches_tracked) are copied. Both modules must share one structure.
+    """
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.lerp_(o.detach(), 1.0 - tau)
+    for t, o in zip(target.buffers(), online.buffers(), strict=True):
+        if t.is_floating_point():
+            t.lerp_(o, 1.0 - tau)
+        else:
+            t.copy_(o)
+
+
+def cosine_momentum(tau_base: float, progress: float) -> float:
+    """BYOL's schedule tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, with progress = k / K in [0, 1]."""
+    return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
+
+
+def momentum_at(config: TrialConfig, progress: float) -> float:
+    """The momentum tau after a fraction `progress` of training: constant `ema`, or cosine up to 1."""
+    return cosine_momentum(config.ema, progress) if config.ema_cosine else config.ema
+
+
+class KeyQueue(nn.Module):
+    """MoCo's dictionary: a FIFO queue of K l2-normalised keys (K, D), kept in buffers (checkpointed).
+
+    It starts with random unit vectors, as in MoCo's code; each enqueue overwrites the oldest keys.
+    """
+
+    keys: Tensor
+    ptr: Tensor
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))  # (K, D)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next slot to overwrite
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Replace the oldest entries with `keys` (N, D), wrapping around the end of the queue."""
+        size = self.keys.shape[0]
+        keys = F.normalize(keys.detach().float(), dim=1)[-size:]  # only the newest K fit
+        slots = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % size  # (N,)
+        self.keys[slots] = keys.to(self.keys.dtype)
+        self.ptr.copy_((self.ptr + keys.shape[0]) % size)
+
+
+SHUFFLE_BN_GROUP = 32  # MoCo trained batch 256 on 8 GPUs: batch-norm statistics over 32 images each
+
+
+@torch.no_grad()
+def shuffled_bn_forward(encoder: Callable[[Tensor], Tensor], x: Tensor, group: int = SHUFFLE_BN_GROUP) -> Tensor:
+    """MoCo's shuffling BN (Sec. 3.3) on one device, for the key encoder.
+
+    The batch x (N, ...) is shuffled and split into sub-batches of about `group` images, each with its own
+    batch-norm statistics, so a query and its positive key never share statistics (which would let the
+    pretext task be solved from them). Returns the (N, D) outputs in input order.
+    """
+    groups = max(1, x.shape[0] // group)
+    order = torch.randperm(x.shape[0], device=x.device)  # (N,)
+    outputs = torch.cat([encoder(part) for part in x[order].tensor_split(groups)])  # (N, D), shuffled
+    return outputs[torch.argsort(order)]
+
+
+class MomentumContrast(nn.Module):
+    """MoCo's key encoder (an EMA copy of backbone + head) and queue, with the symmetrised InfoNCE.
+
+    Used by MoCo v1/v2 and by SimCLR v2's memory. With queue_size 0 the other keys of the batch are the
+    negatives. `shuffle_bn` runs the key encoder with shuffling BN (MoCo); without it the key encoder's
+    batch-norm sees the whole batch (SimCLR's global BN).
+    """
+
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, out_dim: int, config: TrialConfig, shuffle_bn: bool
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.shuffle_bn = shuffle_bn
+        self.backbone = frozen_copy(backbone)
+        self.head = frozen_copy(head)
+        self.queue = KeyQueue(config.queue_size, out_dim) if config.queue_size > 0 else None
+
+    @torch.no_grad()
+    def encode_keys(self, x: Tensor) -> Tensor:
+        """Keys k = f_k(x) (N, D) of a batch of views, without gradient."""
+
+        def encode(v: Tensor) -> Tensor:
+            return self.head(self.backbone(v))
+
+        return shuffled_bn_forward(encode, x) if self.shuffle_bn else encode(x)
+
+    def loss(self, q1: Tensor, q2: Tensor, x1: Tensor, x2: Tensor) -> Tensor:
+        """1/2 [L(q1, k2) + L(q2, k1)] against the queue; then both key batches are enqueued."""
+        k1, k2 = self.encode_keys(torch.cat([x1, x2])).chunk(2)  # (N, D) each
+        queue = self.queue.keys if self.queue is not None else None  # (K, D)
+        t = self.config.temperature
+        loss = (info_nce(q1, k2, queue, t) + info_nce(q2, k1, queue, t)) / 2
+        if self.queue is not None:
+            self.queue.enqueue(torch.cat([k1, k2]))
+        return loss
+
+    def update(self, backbone: nn.Module, head: nn.Module, progress: float) -> None:
+        """Momentum update theta_k <- m theta_k + (1 - m) theta_q."""
+        tau = momentum_at(self.config, progress)
+        ema_update(self.backbone, backbone, tau)
+        ema_update(self.head, head, tau)

@@ -1,0 +1,42 @@
+"""SimSiam (Chen & He 2021): a Siamese network with a predictor and a stop-gradient, no negatives."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from sslab.losses import negative_cosine
+from sslab.methods.base import Method, StepOutput, concat_forward, register
+from sslab.models import build_head
+
+
+@register
+class SimSiam(Method):
+    name = "simsiam"
+    paper = "Chen & He 2021, Exploring Simple Siamese Representation Learning"
+    defaults = {
+        # 2-layer projector (the paper's CIFAR setting), batch-norm on its output too; SGD, momentum 0.9
+        "out_dim": 512,  # 2048 in the paper, scaled down for small backbones and CPU runs
+        "pred_width": 128,  # the predictor's bottleneck: out_dim / 4, as 512 for 2048
+        "lr": 0.05,  # lr x batch/256 with base 0.05 (Sec. 4); the predictor keeps it (pred_lr_fixed)
+    }
+
+    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+        super().__init__(config, backbone, num_classes)
+        d = config.out_dim
+        self.head = build_head(  # projection MLP, output layer followed by batch-norm without affine
+            backbone.feature_dim, config.head, config.head_width, d, config.head_bn, last_bn=config.head_bn
+        )
+        self.predictor = build_head(d, 2, config.pred_width, d, config.pred_bn) if config.predictor else None
+
+    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+        x1, x2 = views[:2]
+        z1, z2 = concat_forward(lambda x: self.head(self.backbone(x)), [x1, x2])  # projections (N, d)
+        p1, p2 = concat_forward(self.predictor, [z1, z2]) if self.predictor else (z1, z2)  # predictions
+        sg = self.config.stop_gradient
+        loss = negative_cosine(p1, z2, sg) / 2 + negative_cosine(p2, z1, sg) / 2  # L = D(p1, z2)/2 + D(p2, z1)/2
+        return StepOutput(loss=loss, embedding=z1)
+
+    def fixed_lr_parameters(self) -> list[nn.Parameter]:
+        if self.predictor is None or not self.config.pred_lr_fixed:
+            return []
+        return list(self.predictor.parameters())

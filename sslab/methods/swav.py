@@ -1,0 +1,90 @@
+"""SwAV (Caron et al. 2020): swap the prediction of Sinkhorn-Knopp cluster codes between crops.
+
+Every crop x_t (two global, then local ones) gives z_t = normalize(g(f(x_t))) and prototype scores
+z_t . C (K per crop). The codes q_s of the global crops come from Sinkhorn-Knopp on those scores (equal
+partition of the batch over the K prototypes); the loss asks each other crop's scores to predict them.
+The prototypes C are l2-normalised after every step and not updated during the first `freeze_prototypes`
+epochs. With `queue_size` > 0, each global crop keeps a queue of its past features z; once full it is
+appended to the batch when computing the codes (for small batches, Caron et al. Sec. 4.1). The paper
+starts filling the queue after some epochs (15 of 800, 50 of 1000 for CIFAR in solo-learn); here it is
+filled from the first step and used once full, since short runs leave no epochs to wait.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslab.losses import sinkhorn, swav_loss
+from sslab.methods.base import Method, StepOutput, concat_forward, register
+from sslab.models import build_head
+
+
+@register
+class SwAV(Method):
+    name = "swav"
+    paper = "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"
+    multicrop = True
+    defaults = {
+        # K = 3000 is for ImageNet's 1000 classes; CIFAR-10 benchmarks use 512 (lightly) to 3000
+        # (solo-learn). With a 10-class dataset and 256 images per step, 512 keeps every batch spread over
+        # a good share of the prototypes.
+        "prototypes": 512,
+        "temperature": 0.1,
+        "sinkhorn_eps": 0.05,
+        "sinkhorn_iters": 3,
+        # 2x224 + 6x96 in the paper; two 3/7-size local crops add ~40% to a step of two global views.
+        "local_crops": 2,
+        "local_scale": "0.05-0.2",  # the paper's locals end where the global crops start (ours: 0.2)
+    }
+
+    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+        super().__init__(config, backbone, num_classes)
+        self.head = build_head(
+            backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn
+        )
+        d = self.head.out_dim
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(config.prototypes, d), dim=1))  # C (K, D)
+        self.queue: Tensor | None
+        if config.queue_size > 0:
+            self.register_buffer("queue", torch.zeros(2, config.queue_size, d))  # past z of crops 1, 2
+            self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # rows written
+        else:
+            self.queue = None
+
+    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+        # The backbone sees each resolution as one batch; the head sees all crops at once, as in SwAV's code.
+        h = concat_forward(self.backbone, views[:2])
+        if len(views) > 2:
+            h += concat_forward(self.backbone, views[2:])
+        z = F.normalize(self.head(torch.cat(h)), dim=1)  # (V * N, D)
+        z_crops = list(z.chunk(len(views)))  # V x (N, D)
+        scores = [z_t @ self.prototypes.T for z_t in z_crops]  # V x (N, K)
+        codes = [self._codes(s, z_crops[s_id], s_id) for s_id, s in enumerate(scores[:2])]  # 2 x (N, K)
+        if self.queue is not None:
+            self.queue_filled.add_(views[0].shape[0]).clamp_(max=self.queue.shape[1])
+        loss = swav_loss(scores, codes, self.config.temperature)
+        return StepOutput(loss=loss, embedding=z_crops[0])
+
+    @torch.no_grad()
+    def _codes(self, scores: Tensor, z: Tensor, crop: int) -> Tensor:
+        """Sinkhorn codes q of one global crop (N, K); with a full queue, its scores join the batch."""
+        n = scores.shape[0]
+        scores = scores.detach()
+        if self.queue is not None:
+            queue = self.queue[crop]  # (Q, D)
+            if int(self.queue_filled) == queue.shape[0]:
+                scores = torch.cat(
+                    [(queue @ self.prototypes.detach().T).to(scores.dtype), scores]
+                )  # (Q + N, K)
+            self.queue[crop] = torch.cat([z.detach().to(queue.dtype), queue])[: queue.shape[0]]
+        return sinkhorn(scores, self.config.sinkhorn_eps, self.config.sinkhorn_iters)[-n:]
+
+    def before_optimizer_step(self, progress: float) -> None:
+        if progress * self.config.epochs < self.config.freeze_prototypes:
+            self.prototypes.grad = None  # frozen prototypes: no update, momentum or weight decay
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        self.prototypes.copy_(F.normalize(self.prototypes, dim=1))

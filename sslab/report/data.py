@@ -1,0 +1,262 @@
+"""Study results as tidy frames: axis and metric lookup, filtering, ordering and aggregation over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sslab.config import FIELD_NAMES
+from sslab.errors import ConfigError, SslabError
+from sslab.store import Store
+
+AXIS = "axis."
+SEED = "seed"
+OP_ORDER = ("crop", "cutout", "color", "sobel", "noise", "blur", "rotate")  # SimCLR Fig. 5
+NOT_METRICS = frozenset({"id", "hash", "status", "collapsed", "reason", "wall_time_s", "device", "finished_at"})
+STAT_COLUMNS = ("mean", "std", "count", "ci95")
+
+
+def load_study(store: Store, study: str) -> pd.DataFrame:
+    """The study's trials (one row each, `axis.NAME` columns); an error if it has no finished trial."""
+    frame = store.study_frame(study)
+    if frame.empty:
+        names = [row.name for row in store.studies()]
+        known = f"; studies in the store: {', '.join(names)}" if names else "; the store has no studies yet"
+        raise SslabError(f"no study named '{study}' with trials{known}")
+    for column in axis_columns(frame):
+        frame[column] = frame[column].map(_hashable)
+    if not (frame["status"] == "done").any():
+        counts = ", ".join(f"{n} {s}" for s, n in frame["status"].value_counts().items())
+        raise SslabError(f"study '{study}' has no finished trials yet ({counts}); run it first")
+    return frame
+
+
+def _hashable(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+
+
+def axis_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if str(c).startswith(AXIS)]
+
+
+def axis_names(frame: pd.DataFrame, with_seed: bool = False) -> list[str]:
+    names = [c[len(AXIS) :] for c in axis_columns(frame)]
+    return [n for n in names if with_seed or n != SEED]
+
+
+def column_for(frame: pd.DataFrame, name: str) -> str:
+    """The frame column for an axis name (or, failing that, a config field); error listing valid names."""
+    if f"{AXIS}{name}" in frame.columns:
+        return f"{AXIS}{name}"
+    field = name.replace("-", "_")
+    if field in FIELD_NAMES and field in frame.columns:
+        return field
+    axes = ", ".join(axis_names(frame, with_seed=True)) or "none"
+    raise ConfigError(f"unknown axis '{name}'; the study's axes are: {axes} (or any config field)")
+
+
+def label_of(column: str) -> str:
+    return column[len(AXIS) :] if column.startswith(AXIS) else column
+
+
+def metric_names(frame: pd.DataFrame) -> list[str]:
+    """Numeric final metrics recorded for at least one finished trial."""
+    done = frame[frame["status"] == "done"]
+    names = []
+    for column in done.columns:
+        if column in NOT_METRICS or column in FIELD_NAMES or str(column).startswith(AXIS):
+            continue
+        values = pd.to_numeric(done[column], errors="coerce")
+        if values.notna().any():
+            names.append(str(column))
+    return sorted(names)
+
+
+def check_metric(frame: pd.DataFrame, metric: str) -> None:
+    valid = metric_names(frame)
+    if metric not in valid:
+        raise ConfigError(f"unknown metric '{metric}'; recorded metrics: {', '.join(valid) or 'none'}")
+
+
+def metric_scale(metric: str) -> tuple[float, str]:
+    """Accuracies are shown in percent, as in the papers; everything else as stored."""
+    return (100.0, "%") if "top1" in metric else (1.0, "")
+
+
+def metric_label(metric: str) -> str:
+    unit = metric_scale(metric)[1]
+    return f"{metric} ({unit})" if unit else metric
+
+
+def matches(value: Any, wanted: str) -> bool:
+    """Whether a stored value equals a value typed on the command line (numbers compared as numbers)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return wanted.lower() in ("none", "null", "")
+    try:
+        return float(value) == float(wanted)
+    except (TypeError, ValueError):
+        return str(value).lower() == wanted.lower()
+
+
+def apply_where(frame: pd.DataFrame, where: Mapping[str, str]) -> pd.DataFrame:
+    """Keep the trials whose axis (or config field) values equal the given ones."""
+    for name, wanted in where.items():
+        column = column_for(frame, name)
+        keep = frame[column].map(lambda v, w=wanted: matches(v, w))
+        if not keep.any():
+            values = ", ".join(str(v) for v in order_values(frame[column].dropna().unique()))
+            raise ConfigError(f"no trial has {name}={wanted}; its values are: {values}")
+        frame = frame[keep]
+    return frame
+
+
+def parse_where(items: Sequence[str]) -> dict[str, str]:
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--where expects axis=value, got {item!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def order_values(values: Iterable[Any]) -> list[Any]:
+    """Axis values in reading order: numbers ascending, augmentation ops as in SimCLR Fig. 5, else as met."""
+    unique = list(dict.fromkeys(v for v in values if not (isinstance(v, float) and math.isnan(v))))
+    if all(isinstance(v, bool | np.bool_) for v in unique):
+        return sorted(unique)
+    if all(isinstance(v, int | float | np.integer | np.floating) for v in unique):
+        return sorted(unique)
+    if all(isinstance(v, str) for v in unique):
+        known = [op for op in OP_ORDER if op in unique]
+        return known + [v for v in unique if v not in OP_ORDER]
+    return unique
+
+
+def check_single_valued(frame: pd.DataFrame, used: Iterable[str]) -> None:
+    """Fail when an axis that is neither plotted nor the seed still varies: its trials would be mixed."""
+    used = set(used)
+    for column in axis_columns(frame):
+        if column in used or column == f"{AXIS}{SEED}":
+            continue
+        values = order_values(frame.loc[frame["status"] == "done", column].dropna().unique())
+        if len(values) > 1:
+            name = label_of(column)
+            shown = ", ".join(str(v) for v in values)
+            raise ConfigError(
+                f"the study also varies '{name}' ({shown}); choose one with --where {name}=VALUE"
+            )
+
+
+def t_quantile(q: float, df: int) -> float:
+    """Quantile of Student's t distribution with `df` degrees of freedom (q in (0.5, 1)), by bisection."""
+    tail = 2.0 * (1.0 - q)
+    low, high = 0.0, 1.0
+    while t_two_sided_p(high, df) > tail:
+        high *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if t_two_sided_p(mid, df) > tail else (low, mid)
+    return 0.5 * (low + high)
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t: the regularised incomplete beta I_{df/(df+t^2)}(df/2, 1/2)."""
+    if math.isinf(t):
+        return 0.0
+    return _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by its continued fraction (Numerical Recipes, betacf)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only on this side
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * result / a
+
+
+def describe(values: Sequence[float]) -> tuple[float, float, int, float]:
+    """(mean, sample std, count, half-width of the 95% t confidence interval); NaN where undefined."""
+    array = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    n = int(array.size)
+    if n == 0:
+        return math.nan, math.nan, 0, math.nan
+    mean = float(array.mean())
+    if n == 1:
+        return mean, math.nan, 1, math.nan
+    std = float(array.std(ddof=1))
+    return mean, std, n, t_quantile(0.975, n - 1) * std / math.sqrt(n)
+
+
+def summarize(frame: pd.DataFrame, by: Sequence[str], metric: str, scale: float = 1.0) -> pd.DataFrame:
+    """One row per combination of the `by` columns over finished trials: mean, std, count, ci95 of metric."""
+    done = frame[frame["status"] == "done"].copy()
+    done[metric] = pd.to_numeric(done[metric], errors="coerce") * scale
+    rows = []
+    for key, group in done.groupby(list(by), dropna=False, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        mean, std, count, ci95 = describe(group[metric].tolist())
+        if count:
+            rows.append({**dict(zip(by, key, strict=True)), "mean": mean, "std": std, "count": count, "ci95": ci95})
+    return pd.DataFrame(rows, columns=[*by, *STAT_COLUMNS])
+
+
+def unique_text(frame: pd.DataFrame, column: str) -> str:
+    """The distinct values of a column among finished trials, joined with '/' (for titles)."""
+    if column not in frame.columns:
+        return "?"
+    values = order_values(frame.loc[frame["status"] == "done", column].dropna().unique())
+    return "/".join(str(v) for v in values) or "?"
+
+
+def study_title(frame: pd.DataFrame) -> str:
+    """dataset, method, backbone, epochs: the setting a figure was measured in."""
+    return (
+        f"{unique_text(frame, 'dataset')} · {unique_text(frame, 'method')} · "
+        f"{unique_text(frame, 'backbone')} · {unique_text(frame, 'epochs')} epochs"
+    )
+
+
+def format_value(value: float, unit: str) -> str:
+    """Percentages with one decimal (as in the papers' tables), other metrics with four significant digits."""
+    if value is None or math.isnan(value):
+        return ""
+    return f"{value:.1f}" if unit == "%" else f"{value:.4g}"
+
+
+def default_axes(frame: pd.DataFrame, count: int) -> list[str]:
+    """The first `count` non-seed axes of the study (first/second for augmentation pairs)."""
+    names = axis_names(frame)
+    if count == 2 and {"first", "second"} <= set(names):
+        return ["first", "second"]
+    if len(names) < count:
+        raise ConfigError(
+            f"this needs {count} study axes but the study has {len(names)} ({', '.join(names) or 'none'});"
+            " name a config field instead"
+        )
+    return names[:count]

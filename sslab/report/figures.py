@@ -1,0 +1,48 @@
+"""Figure plumbing shared by the report modules: Agg-backed figures, saving by extension, embedding."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sslab.errors import ConfigError
+
+FORMATS = (".png", ".svg", ".pdf")
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas, independent of pyplot's global state."""
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def check_output(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise ConfigError(f"cannot write a figure to '{path}': use a .png, .svg or .pdf file name")
+    return path
+
+
+def save_figure(figure: Figure, path: str | Path, data: pd.DataFrame | None = None) -> Path:
+    """Write the figure (format from the extension) and, if given, its plotted numbers as CSV beside it."""
+    path = check_output(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=150)
+        if data is not None:
+            data.to_csv(path.with_suffix(".csv"), index=False)
+    except OSError as exc:
+        raise ConfigError(f"cannot write '{path}': {exc.strerror or exc}") from None
+    return path
+
+
+def png_data_uri(figure: Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
