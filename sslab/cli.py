@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sslab.cli_report import compare, report_app
 from sslab.config import FIELD_NAMES, TrialConfig, field_help, from_mapping, load_toml, parse_assignments
 from sslab.errors import SslabError
 
@@ -30,6 +31,8 @@ data_app = typer.Typer(
 augment_app = typer.Typer(help="Augmentation ops that views are built from.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(augment_app, name="augment")
+app.add_typer(report_app, name="report")
+app.command("compare")(compare)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -225,24 +228,32 @@ SUMMARY_COLUMNS = [
 @app.command("results")
 @handle_errors
 def results(
-    format: Annotated[str, typer.Option("--format", "-f", help="table | csv | json")] = "table",
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="table | csv | json | markdown | latex")
+    ] = "table",
     all_columns: Annotated[bool, typer.Option("--all", help="every config field and metric")] = False,
+    study: Annotated[str | None, typer.Option("--study", help="only this study's trials")] = None,
     db: DbOption = None,
 ) -> None:
     """List recorded trials with their status and final metrics."""
+    from sslab.report.data import study_trials
+    from sslab.report.tables import frame_latex, frame_markdown, summary_view
     from sslab.store import Store
 
-    if format not in ("table", "csv", "json"):
-        raise SslabError(f"unknown format {format!r}; use table, csv or json")
-    frame = Store(db, create=False).results_frame()
+    if format not in ("table", "csv", "json", "markdown", "latex"):
+        raise SslabError(f"unknown format {format!r}; use table, csv, json, markdown or latex")
+    store = Store(db, create=False)
+    frame = study_trials(store, study) if study else store.results_frame()
     if frame.empty:
         raise SslabError("the results store has no trials yet; run `sslab run` first")
     if not all_columns:
-        frame = frame[[c for c in SUMMARY_COLUMNS if c in frame.columns]]
+        frame = summary_view(frame, SUMMARY_COLUMNS)
     if format == "csv":
         sys.stdout.write(frame.to_csv(index=False))
     elif format == "json":
         sys.stdout.write(frame.to_json(orient="records", indent=2) + "\n")
+    elif format in ("markdown", "latex"):
+        sys.stdout.write(frame_markdown(frame) if format == "markdown" else frame_latex(frame))
     else:
         table = Table(show_header=True)
         for column in frame.columns:
@@ -290,6 +301,28 @@ def augment_list() -> None:
     from sslab.augment import describe_ops
 
     console.print(describe_ops(), highlight=False)
+
+
+from sslab.cli_study import study_app  # noqa: E402  (its commands use handle_errors above)
+
+app.add_typer(study_app, name="study")
+
+
+@app.command("methods")
+@handle_errors
+def methods() -> None:
+    """Methods with their papers and the defaults each sets on top of the trial config."""
+    from sslab.methods import METHODS
+
+    table = Table(show_header=True)
+    for column in ("method", "paper", "defaults (fields not listed keep `sslab run --help` values)"):
+        table.add_column(column)
+    for name, cls in METHODS.items():
+        defaults = ", ".join(f"{key}={value}" for key, value in cls.defaults.items()) or "-"
+        if cls.multicrop:
+            defaults += " (multi-crop)"
+        table.add_row(name, cls.paper, defaults)
+    console.print(table)
 
 
 def main() -> None:

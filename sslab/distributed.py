@@ -68,7 +68,9 @@ def init(device: torch.device) -> torch.device:
             f"WORLD_SIZE is set but {', '.join(missing)} is not; launch multi-process runs with torchrun"
         )
     if device.type not in ("cuda", "cpu"):
-        raise ConfigError(f"multi-process training runs on CUDA or CPU devices, not {device.type}; use --device cpu")
+        raise ConfigError(
+            f"multi-process training runs on CUDA or CPU devices, not {device.type}; use --device cpu"
+        )
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)

@@ -12,11 +12,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, normalize: bool = True) -> Tensor:
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float = 0.5,
+    normalize: bool = True,
+    z1_all: Tensor | None = None,
+    z2_all: Tensor | None = None,
+    rank_offset: int = 0,
+) -> Tensor:
     """NT-Xent of SimCLR (Chen et al. 2020, eq. 1), averaged over all 2N anchors.
 
     z1, z2: (N, D) embeddings of the two views; row i of z1 and row i of z2 are the positive pair,
     the other 2N - 2 embeddings are the negatives.
+    Across processes, z1_all and z2_all (M, D) hold the views of the whole global batch (gathered by the
+    trainer, with gradients) and z1 = z1_all[rank_offset : rank_offset + N]: the 2N local rows are the
+    anchors and all 2M rows their candidates, so the mean of the processes' losses is the global batch's.
+    Gathered tensors that are z1 and z2 themselves (a single process) give the plain loss.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(
@@ -28,10 +40,31 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, normalize: bool = 
     z = torch.cat([z1, z2]).float()  # (2N, D)
     if normalize:
         z = F.normalize(z, dim=1)
-    logits = z @ z.T / temperature  # (2N, 2N)
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    if (z1_all is None and z2_all is None) or (z1_all is z1 and z2_all is z2):
+        if rank_offset != 0:
+            raise ValueError(f"rank_offset applies only to gathered z1_all, z2_all, got {rank_offset}")
+        logits = z @ z.T / temperature  # (2N, 2N)
+        self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # (2N,)
+        return F.cross_entropy(logits, targets)
+    if z1_all is None or z2_all is None or z1_all.shape != z2_all.shape or z1_all.dim() != 2:
+        raise ValueError("nt_xent expects z1_all and z2_all together, as two (M, D) tensors of equal shape")
+    m = z1_all.shape[0]
+    if z1_all.shape[1] != z1.shape[1] or not 0 <= rank_offset <= m - n:
+        raise ValueError(
+            f"nt_xent expects z1_all (M, {z1.shape[1]}) with M >= N and rank_offset in [0, M - N]; got "
+            f"z1 {tuple(z1.shape)}, z1_all {tuple(z1_all.shape)}, rank_offset {rank_offset}"
+        )
+    keys = torch.cat([z1_all, z2_all]).float()  # (2M, D)
+    if normalize:
+        keys = F.normalize(keys, dim=1)
+    logits = z @ keys.T / temperature  # (2N, 2M)
+    rows = torch.arange(rank_offset, rank_offset + n, device=z.device)  # (N,) rows of z1 within z1_all
+    own = torch.cat([rows, m + rows])  # (2N,) each anchor's own column
+    self_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, own[:, None], True)
     logits = logits.masked_fill(self_mask, float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # (2N,)
+    targets = torch.cat([m + rows, rows])  # (2N,) the other view of the same image
     return F.cross_entropy(logits, targets)
 
 

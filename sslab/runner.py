@@ -6,17 +6,20 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 import sslab
+from sslab import distributed
 from sslab.augment import parse_view
 from sslab.config import TrialConfig, validate
 from sslab.data import ImageDataset, load_dataset
-from sslab.errors import ConfigError
+from sslab.errors import ConfigError, SslabError
 from sslab.evaluate import extract_features, knn_top1, linear_probe
 from sslab.methods import METHODS, Method, build_method
 from sslab.models import BACKBONES, build_backbone
@@ -144,12 +147,20 @@ def run_trial(
     reporter: Reporter | None = None,
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     dataset: ImageDataset | None = None,
+    epoch_hook: Callable[[Method, EpochRecord, dict[str, float]], None] | None = None,
+    baseline_cache: dict[tuple[Any, ...], dict[str, float]] | None = None,
 ) -> TrialOutcome:
     """Pretrain and evaluate `config`, recording everything in `store`.
+
+    `epoch_hook` runs after each trained epoch; the metrics it puts in its dict are recorded with the epoch,
+    and it may raise to stop the trial (pruning). `baseline_cache` reuses the random-init baseline across
+    trials that share its `baseline_key`.
 
     A config whose hash is already `done` in the store is not trained again unless `force`. With `resume`,
     training continues from the trial's last per-epoch checkpoint. Failures are recorded with their reason;
     an interruption (Ctrl-C) is recorded as `interrupted` and re-raised.
+    Under torchrun every process trains its share of each batch; the main process alone evaluates and
+    records the trial, the others wait for its record and return it.
     """
     preflight(config)
     existing = store.find(config.hash())
@@ -162,19 +173,35 @@ def run_trial(
             collapsed=existing.collapsed,
             wall_time_s=existing.wall_time_s,
         )
-    device = resolve_device(config.device)
+    device = distributed.init(resolve_device(config.device))  # this process's device under torchrun
+    distributed.local_batch_size(config.batch_size)  # the global batch must split over the processes
     dataset = dataset if dataset is not None else prepare_dataset(config)
-    trial_id = store.begin_trial(config, provenance(device))
     checkpoint = checkpoint_dir / f"{config.hash()}.pt"
+    if not distributed.is_main():
+        return _train_alongside(config, store, dataset, device, checkpoint, resume)
+    trial_id = store.begin_trial(config, provenance(device))
     started = time.perf_counter()
     try:
         method = build_model(config, dataset)
         method.to(device)
-        baseline = evaluate(method, config.replace(probe_layers="h"), dataset, device)
+        key = baseline_key(config, device)
+        if baseline_cache is not None and key in baseline_cache:
+            baseline = baseline_cache[key]
+        else:
+            baseline = evaluate(method, config.replace(probe_layers="h"), dataset, device)
+            if baseline_cache is not None:
+                baseline_cache[key] = baseline
         store.log_metrics(trial_id, baseline_prefixed(baseline))
 
         def record_epoch(record: EpochRecord) -> None:
-            store.log_metrics(trial_id, record.metrics(), epoch=record.epoch)
+            extra: dict[str, float] = {}
+            try:
+                # A resumed trial's earlier epochs are replayed before training restarts, still in eval mode.
+                if epoch_hook is not None and method.training:
+                    epoch_hook(method, record, extra)
+                    method.train()
+            finally:
+                store.log_metrics(trial_id, {**record.metrics(), **extra}, epoch=record.epoch)
 
         result: TrainResult = pretrain(
             method,
@@ -206,6 +233,7 @@ def run_trial(
         raise
     wall = time.perf_counter() - started
     store.finish_trial(trial_id, "done", None, result.collapsed, wall)
+    distributed.barrier()  # the other processes read the recorded trial after this
     if checkpoint.exists():
         os.remove(checkpoint)
     return TrialOutcome(
@@ -215,6 +243,57 @@ def run_trial(
         {**baseline_prefixed(baseline), **metrics},
         collapsed=result.collapsed,
         wall_time_s=wall,
+    )
+
+
+def _train_alongside(
+    config: TrialConfig,
+    store: Store,
+    dataset: ImageDataset,
+    device: torch.device,
+    checkpoint: Path,
+    resume: bool,
+) -> TrialOutcome:
+    """A process other than the main one: trains its share of every batch, then returns the main
+    process's record of the trial."""
+    method = build_model(config, dataset)
+    pretrain(
+        method,
+        config,
+        dataset.train_images,
+        dataset.train_labels,
+        device,
+        checkpoint=checkpoint,
+        resume=resume,
+    )
+    distributed.barrier()
+    row = store.find(config.hash())
+    if row is None:
+        raise SslabError(f"trial {config.hash()} is missing from {store.url} after training")
+    return TrialOutcome(
+        row.id,
+        row.config_hash,
+        row.status,
+        store.final_metrics(row.id),
+        collapsed=row.collapsed,
+        wall_time_s=row.wall_time_s,
+    )
+
+
+def baseline_key(config: TrialConfig, device: torch.device) -> tuple[Any, ...]:
+    """What the random-init baseline depends on: data, seeded initial backbone weights, probe settings."""
+    return (
+        config.dataset,
+        config.data_dir,
+        config.image_size,
+        config.train_subset,
+        config.backbone,
+        config.cifar_stem,
+        config.seed,
+        config.knn_k,
+        config.knn_t,
+        config.val_fraction,
+        device.type,
     )
 
 

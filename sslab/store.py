@@ -1,17 +1,19 @@
 """The results store: trials (full config, hash, status, provenance) and their metrics, in any SQL database.
 
 SQLite at results/sslab.db by default (WAL mode, so several processes can write at once); any SQLAlchemy
-URL (e.g. postgresql+psycopg://...) via --db or SSLAB_DB.
+URL (e.g. postgresql+psycopg://...) via --db or SSLAB_DB. Tables are prefixed `sslab_` so that Optuna's own
+tables (`trials`, `studies`, ...) can live in the same database.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,10 @@ from sqlalchemy import (
     delete,
     event,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sslab.config import TrialConfig
@@ -49,7 +52,7 @@ class Base(DeclarativeBase):
 
 
 class TrialRow(Base):
-    __tablename__ = "trials"
+    __tablename__ = "sslab_trials"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     config_hash: Mapped[str] = mapped_column(String(32), unique=True, index=True)
@@ -77,10 +80,10 @@ class TrialRow(Base):
 
 
 class MetricRow(Base):
-    __tablename__ = "metrics"
+    __tablename__ = "sslab_metrics"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), index=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("sslab_trials.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
     epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: a final metric
@@ -89,7 +92,7 @@ class MetricRow(Base):
 class StudyRow(Base):
     """A study: its name and the full study spec it was run from (JSON)."""
 
-    __tablename__ = "studies"
+    __tablename__ = "sslab_studies"
 
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     spec_json: Mapped[str] = mapped_column(Text)
@@ -99,17 +102,42 @@ class StudyRow(Base):
 class StudyTrialRow(Base):
     """Membership of a trial (by config hash) in a study, with the trial's values on the study's axes."""
 
-    __tablename__ = "study_trials"
+    __tablename__ = "sslab_study_trials"
     __table_args__ = (UniqueConstraint("study", "config_hash"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study: Mapped[str] = mapped_column(ForeignKey("studies.name", ondelete="CASCADE"), index=True)
+    study: Mapped[str] = mapped_column(ForeignKey("sslab_studies.name", ondelete="CASCADE"), index=True)
     config_hash: Mapped[str] = mapped_column(String(32), index=True)
     axes_json: Mapped[str] = mapped_column(Text)  # {"axis name": value, ...}, seed included
 
     @property
     def axes(self) -> dict[str, Any]:
         return json.loads(self.axes_json)
+
+
+class ClaimRow(Base):
+    """Which study worker runs a trial (by config hash); claimed atomically so no trial runs twice."""
+
+    __tablename__ = "sslab_claims"
+
+    config_hash: Mapped[str] = mapped_column(String(32), primary_key=True)
+    worker: Mapped[str | None] = mapped_column(String(160), nullable=True)  # None: released
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer)  # how many times a worker has started the trial
+
+
+class WorkerRow(Base):
+    """A live (or lately live) study worker process and the trial it is running."""
+
+    __tablename__ = "sslab_workers"
+
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    host: Mapped[str] = mapped_column(String(256))
+    pid: Mapped[int] = mapped_column(Integer)
+    study: Mapped[str] = mapped_column(String(128))
+    config_hash: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 @dataclass(frozen=True)
@@ -165,10 +193,21 @@ class Store:
         if parsed.get_backend_name() == "sqlite":
             _enable_sqlite_wal(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        try:
-            Base.metadata.create_all(self.engine)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open database {self.url!r}: {str(exc).splitlines()[0]}") from None
+        self._create_tables()
+
+    def _create_tables(self, attempts: int = 5) -> None:
+        """Create missing tables; processes opening a new store at once may race, so retry on 'exists'."""
+        for attempt in range(attempts):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except SQLAlchemyError as exc:
+                message = str(exc)
+                racing = "already exists" in message or "duplicate" in message.lower()
+                if not racing or attempt == attempts - 1:
+                    first_line = message.splitlines()[0]
+                    raise StoreError(f"cannot open database {self.url!r}: {first_line}") from None
+                time.sleep(0.05 * (attempt + 1))
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -299,6 +338,120 @@ class Store:
             row.update({f"axis.{name}": value for name, value in member.axes.items()})
             rows.append(row)
         return pd.DataFrame(rows)
+
+    def study(self, name: str) -> StudyRow | None:
+        with self.session() as session:
+            return session.get(StudyRow, name)
+
+    def forget_study_trials(self, study: str) -> None:
+        """Drop a study's membership records (the trials themselves stay in the store)."""
+        with self.session() as session:
+            session.execute(delete(StudyTrialRow).where(StudyTrialRow.study == study))
+
+    def statuses(self, hashes: Iterable[str]) -> dict[str, str]:
+        """Status of each config hash that has a trial row (hashes never run are left out)."""
+        wanted = list(hashes)
+        found: dict[str, str] = {}
+        with self.session() as session:
+            for start in range(0, len(wanted), 500):
+                query = select(TrialRow.config_hash, TrialRow.status).where(
+                    TrialRow.config_hash.in_(wanted[start : start + 500])
+                )
+                found.update({config_hash: status for config_hash, status in session.execute(query)})
+        return found
+
+    # --- claims and workers (study scheduling) --------------------------------------------------------
+
+    def claim_trial(self, config_hash: str, worker: str, stale_after_s: float) -> int:
+        """Claim a trial for `worker`; returns the attempt number (1 = first run), or 0 when another live
+        worker holds it. Atomic: of concurrent claimers exactly one wins (unique insert, or a conditional
+        update whose row count decides)."""
+        now = _now()
+        try:
+            with self.session() as session:
+                session.add(ClaimRow(config_hash=config_hash, worker=worker, heartbeat_at=now, attempts=1))
+            return 1
+        except IntegrityError:
+            pass
+        cutoff = now - timedelta(seconds=stale_after_s)
+        with self.session() as session:
+            free = ClaimRow.worker.is_(None) | (ClaimRow.worker == worker) | (ClaimRow.heartbeat_at < cutoff)
+            result = session.execute(
+                update(ClaimRow)
+                .where(ClaimRow.config_hash == config_hash, free)
+                .values(worker=worker, heartbeat_at=now, attempts=ClaimRow.attempts + 1)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:
+                return 0
+            return int(session.scalar(select(ClaimRow.attempts).where(ClaimRow.config_hash == config_hash)))
+
+    def release_trial(self, config_hash: str, worker: str) -> None:
+        with self.session() as session:
+            session.execute(
+                update(ClaimRow)
+                .where(ClaimRow.config_hash == config_hash, ClaimRow.worker == worker)
+                .values(worker=None)
+                .execution_options(synchronize_session=False)
+            )
+
+    def claims(self, hashes: Iterable[str]) -> dict[str, ClaimRow]:
+        wanted = list(hashes)
+        found: dict[str, ClaimRow] = {}
+        with self.session() as session:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                rows = session.scalars(select(ClaimRow).where(ClaimRow.config_hash.in_(chunk)))
+                found.update({row.config_hash: row for row in rows})
+        return found
+
+    def register_worker(self, worker: str, host: str, pid: int, study: str) -> None:
+        now = _now()
+        with self.session() as session:
+            session.merge(
+                WorkerRow(id=worker, host=host, pid=pid, study=study, started_at=now, heartbeat_at=now)
+            )
+
+    def heartbeat(self, worker: str, config_hash: str | None) -> None:
+        """Mark `worker` and the claims it holds as alive."""
+        now = _now()
+        with self.session() as session:
+            session.execute(
+                update(WorkerRow)
+                .where(WorkerRow.id == worker)
+                .values(heartbeat_at=now, config_hash=config_hash)
+                .execution_options(synchronize_session=False)
+            )
+            session.execute(
+                update(ClaimRow)
+                .where(ClaimRow.worker == worker)
+                .values(heartbeat_at=now)
+                .execution_options(synchronize_session=False)
+            )
+
+    def expire_worker(self, worker: str) -> None:
+        """Declare a worker dead now (its process is known to be gone): its claims become free to take."""
+        long_ago = datetime(1970, 1, 1)
+        with self.session() as session:
+            for table in (WorkerRow, ClaimRow):
+                key = table.id if table is WorkerRow else table.worker
+                session.execute(
+                    update(table)
+                    .where(key == worker)
+                    .values(heartbeat_at=long_ago)
+                    .execution_options(synchronize_session=False)
+                )
+
+    def remove_worker(self, worker: str) -> None:
+        with self.session() as session:
+            session.execute(delete(WorkerRow).where(WorkerRow.id == worker))
+
+    def workers(self, study: str | None = None) -> list[WorkerRow]:
+        with self.session() as session:
+            query = select(WorkerRow).order_by(WorkerRow.started_at)
+            if study is not None:
+                query = query.where(WorkerRow.study == study)
+            return list(session.scalars(query))
 
     def results_frame(self, hashes: set[str] | None = None) -> pd.DataFrame:
         """One row per trial: identity, status, provenance, every config field and every final metric."""

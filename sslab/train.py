@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sslab import distributed
 from sslab.augment import View, parse_view
 from sslab.augment.spec import Step
 from sslab.config import TrialConfig
@@ -181,8 +182,14 @@ def pretrain(
     """Pretrain `method` on uint8 `images` (N, C, H, W) held on `device`; returns the per-epoch history.
 
     `on_epoch` runs after each epoch's checkpoint is written (the store records metrics there).
+    Under torchrun `config.batch_size` is the global batch: each process trains on its own contiguous share
+    of every batch, gradients are averaged over the processes, and only the main process reports progress,
+    writes checkpoints and calls `on_epoch`.
     """
-    reporter = reporter or SilentReporter()
+    main, rank = distributed.is_main(), distributed.rank()
+    local_batch = distributed.local_batch_size(config.batch_size)  # this process's share of each batch
+    reporter = (reporter if main else None) or SilentReporter()
+    on_epoch = on_epoch if main else None
     tune_allocator()
     views = plan_views(config, images.shape[-1])
     mean, std = (t.to(device) for t in channel_stats(images))
@@ -192,6 +199,11 @@ def pretrain(
     method.num_images = images.shape[0]  # sizes per-image state such as InstDisc's memory bank
     if channels_last:
         method.to(memory_format=torch.channels_last)
+    if distributed.world_size() > 1:
+        if config.sync_bn:
+            distributed.convert_sync_batchnorm(method, device)
+        distributed.broadcast_module(method)  # every process starts from the main process's weights
+        method.gather = distributed.ProcessGather()
     optimizer = build_optimizer(config, method, method.fixed_lr_parameters())
     amp_dtype = autocast_dtype(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -201,7 +213,7 @@ def pretrain(
     warmup_steps = round(config.warmup_epochs * per_epoch)
     base_lr = scaled_lr(config)
     sampler = torch.Generator().manual_seed(config.seed)
-    augment_rng = torch.Generator(device=device).manual_seed(config.seed + 1)
+    augment_rng = torch.Generator(device=device).manual_seed(config.seed + 1 + rank)
     result = TrainResult()
     start_epoch = 0
 
@@ -211,7 +223,9 @@ def pretrain(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         sampler.set_state(state["sampler"])
-        augment_rng.set_state(state["augment_rng"].cpu() if device.type == "cpu" else state["augment_rng"])
+        rng_states = state.get("augment_rng_ranks", [])  # one per process
+        rng_state = rng_states[rank] if len(rng_states) == distributed.world_size() else state["augment_rng"]
+        augment_rng.set_state(rng_state.cpu() if device.type == "cpu" else rng_state)
         result.history = [EpochRecord(**r) for r in state["history"]]
         result.train_seconds = state["train_seconds"]
         start_epoch = result.resumed_from_epoch = state["epoch"]
@@ -233,7 +247,8 @@ def pretrain(
             lr = lr_at(step, total_steps, warmup_steps, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = base_lr if group.get("fixed_lr") else lr
-            batch_index = order[index * config.batch_size : (index + 1) * config.batch_size].to(device)
+            start = index * config.batch_size + rank * local_batch
+            batch_index = order[start : start + local_batch].to(device)
             x = images[batch_index].float().div_(255.0)  # (B, C, H, W)
             batch_views = [(view - mean) / std for view in views(x, augment_rng)]
             if channels_last:
@@ -243,10 +258,14 @@ def pretrain(
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = method(batch_views, labels[batch_index])
             loss = out.loss.float()
-            if not torch.isfinite(loss):
-                raise TrialFailed(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {index + 1}")
+            mean_loss = distributed.all_reduce_mean(loss.detach())  # the global batch's; all processes stop
+            if not torch.isfinite(mean_loss):
+                raise TrialFailed(
+                    f"non-finite loss ({mean_loss.item()}) at epoch {epoch + 1}, step {index + 1}"
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            distributed.average_gradients(method)
             method.before_optimizer_step(step / total_steps)
             scaler.step(optimizer)
             scaler.update()
@@ -255,11 +274,11 @@ def pretrain(
                 embedding = F.normalize(out.embedding.detach().float(), dim=1)
                 width = embedding.shape[1]
                 std_sum += embedding.std(dim=0).mean()
-                loss_sum += loss.detach()
+                loss_sum += mean_loss
             elapsed = time.perf_counter() - epoch_start
-            reporter.step(step + 1, loss.item(), (index + 1) * config.batch_size / max(elapsed, 1e-9))
+            reporter.step(step + 1, mean_loss.item(), (index + 1) * config.batch_size / max(elapsed, 1e-9))
         seconds = time.perf_counter() - epoch_start
-        output_std = (std_sum / per_epoch).item()
+        output_std = distributed.all_reduce_mean(std_sum / per_epoch).item()
         record = EpochRecord(
             epoch=epoch + 1,
             loss=(loss_sum / per_epoch).item(),
@@ -272,6 +291,8 @@ def pretrain(
         result.history.append(record)
         result.train_seconds += seconds
         if checkpoint is not None:
+            rng_states = distributed.all_gather_objects(augment_rng.get_state())
+        if checkpoint is not None and main:
             _save_checkpoint(
                 checkpoint,
                 {
@@ -281,6 +302,7 @@ def pretrain(
                     "scaler": scaler.state_dict(),
                     "sampler": sampler.get_state(),
                     "augment_rng": augment_rng.get_state(),
+                    "augment_rng_ranks": rng_states,
                     "history": [r.__dict__ for r in result.history],
                     "train_seconds": result.train_seconds,
                 },

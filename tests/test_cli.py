@@ -89,3 +89,24 @@ def test_data_and_augment_listings() -> None:
     assert data.exit_code == 0 and "fashion-mnist-mini" in data.output and "cifar10" in data.output
     ops = runner.invoke(app, ["augment", "list"])
     assert ops.exit_code == 0 and "crop" in ops.output and "sobel" in ops.output
+
+
+def test_methods_lists_every_method_with_its_paper() -> None:
+    from sslab.methods import METHODS
+
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    for name in (
+        "simclr",
+        "moco",
+        "mocov3",
+        "byol",
+        "simsiam",
+        "swav",
+        "dino",
+        "barlow",
+        "instdisc",
+        "supervised",
+    ):
+        assert name in METHODS and name in result.output
+    assert "Grill et al. 2020" in result.output

@@ -81,3 +81,18 @@ def test_study_membership_and_frame(tmp_path) -> None:
     assert frame.loc[2, "status"] == "pending"
     assert [s.name for s in store.studies()] == ["demo"]
     assert store.study_frame("absent").empty
+
+
+def _open(url: str) -> None:
+    Store(url)
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=_open, args=(url,)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [p.exitcode for p in processes] == [0, 0, 0, 0]

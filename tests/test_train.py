@@ -33,7 +33,9 @@ def test_simclr_beats_random_init_on_embedded_fashion_mnist(store, tmp_path) -> 
 
 
 def test_non_finite_loss_fails_the_trial_and_keeps_its_record(store, tmp_path) -> None:
-    config = from_mapping({"dataset": "synthetic", "epochs": 2, "batch_size": 64, "lr": 1e6, "normalize": False})
+    config = from_mapping(
+        {"dataset": "synthetic", "epochs": 2, "batch_size": 64, "lr": 1e6, "normalize": False}
+    )
     with pytest.raises(TrialFailed, match="non-finite loss"):
         run_trial(config, store, checkpoint_dir=tmp_path)
     row = store.find(config.hash())

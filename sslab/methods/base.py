@@ -45,7 +45,7 @@ class Method(nn.Module):
 
     `backbone` is the encoder whose frozen features are evaluated; `head` (optional) is the projection
     head whose layers can also be probed. Methods never move themselves to a device or call distributed
-    APIs: the trainer does that, and sets `gather` for negatives, codes or centres taken over the global batch.
+    APIs: the trainer does that, and sets `gather` for what is taken over the global batch (negatives, ...).
     """
 
     name: ClassVar[str]

@@ -16,7 +16,10 @@ from sslab.models import build_head
 @register
 class MoCo(Method):
     name = "moco"
-    paper = "He et al. 2019, Momentum Contrast for Unsupervised Visual Representation Learning (v2: Chen et al. 2020)"
+    paper = (
+        "He et al. 2019, Momentum Contrast for Unsupervised Visual Representation Learning; "
+        "Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning"
+    )
     defaults = {
         "temperature": 0.2,  # v2's tau
         "queue_size": 4096,  # 65536 on ImageNet; 4096 as in MoCo's CIFAR-10 demo

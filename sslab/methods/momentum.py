@@ -74,7 +74,9 @@ SHUFFLE_BN_GROUP = 32  # MoCo trained batch 256 on 8 GPUs: batch-norm statistics
 
 
 @torch.no_grad()
-def shuffled_bn_forward(encoder: Callable[[Tensor], Tensor], x: Tensor, group: int = SHUFFLE_BN_GROUP) -> Tensor:
+def shuffled_bn_forward(
+    encoder: Callable[[Tensor], Tensor], x: Tensor, group: int = SHUFFLE_BN_GROUP
+) -> Tensor:
     """MoCo's shuffling BN (Sec. 3.3) on one device, for the key encoder.
 
     The batch x (N, ...) is shuffled and split into sub-batches of about `group` images, each with its own

@@ -33,7 +33,9 @@ class SimSiam(Method):
         z1, z2 = concat_forward(lambda x: self.head(self.backbone(x)), [x1, x2])  # projections (N, d)
         p1, p2 = concat_forward(self.predictor, [z1, z2]) if self.predictor else (z1, z2)  # predictions
         sg = self.config.stop_gradient
-        loss = negative_cosine(p1, z2, sg) / 2 + negative_cosine(p2, z1, sg) / 2  # L = D(p1, z2)/2 + D(p2, z1)/2
+        loss = (
+            negative_cosine(p1, z2, sg) / 2 + negative_cosine(p2, z1, sg) / 2
+        )  # L = D(p1, z2)/2 + D(p2, z1)/2
         return StepOutput(loss=loss, embedding=z1)
 
     def fixed_lr_parameters(self) -> list[nn.Parameter]:

@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from sslab.config import FIELD_NAMES
+from sslab.config import FIELD_NAMES, TrialConfig
 from sslab.errors import ConfigError, SslabError
 from sslab.store import Store
 
 AXIS = "axis."
 SEED = "seed"
 OP_ORDER = ("crop", "cutout", "color", "sobel", "noise", "blur", "rotate")  # SimCLR Fig. 5
-NOT_METRICS = frozenset({"id", "hash", "status", "collapsed", "reason", "wall_time_s", "device", "finished_at"})
+NOT_METRICS = frozenset(
+    {"id", "hash", "status", "collapsed", "reason", "wall_time_s", "device", "finished_at"}
+)
 STAT_COLUMNS = ("mean", "std", "count", "ci95")
+INT_COLUMNS = {"id"} | {
+    name for name, kind in typing.get_type_hints(TrialConfig).items() if int in (kind, *typing.get_args(kind))
+}
 
 
-def load_study(store: Store, study: str) -> pd.DataFrame:
-    """The study's trials (one row each, `axis.NAME` columns); an error if it has no finished trial."""
+def study_trials(store: Store, study: str) -> pd.DataFrame:
+    """The study's trials, one row each with `axis.NAME` columns, any status; error for an unknown study."""
     frame = store.study_frame(study)
     if frame.empty:
         names = [row.name for row in store.studies()]
@@ -30,6 +36,16 @@ def load_study(store: Store, study: str) -> pd.DataFrame:
         raise SslabError(f"no study named '{study}' with trials{known}")
     for column in axis_columns(frame):
         frame[column] = frame[column].map(_hashable)
+    for column in INT_COLUMNS & set(frame.columns):  # pending rows made these floats: 4.0 -> 4, NaN -> None
+        if frame[column].dtype.kind == "f":
+            ints = [None if pd.isna(v) else int(v) for v in frame[column]]
+            frame[column] = pd.Series(ints, index=frame.index, dtype=object)
+    return frame
+
+
+def load_study(store: Store, study: str) -> pd.DataFrame:
+    """study_trials(), and an error if none of them has finished."""
+    frame = study_trials(store, study)
     if not (frame["status"] == "done").any():
         counts = ", ".join(f"{n} {s}" for s, n in frame["status"].value_counts().items())
         raise SslabError(f"study '{study}' has no finished trials yet ({counts}); run it first")
@@ -127,7 +143,9 @@ def parse_where(items: Sequence[str]) -> dict[str, str]:
 
 def order_values(values: Iterable[Any]) -> list[Any]:
     """Axis values in reading order: numbers ascending, augmentation ops as in SimCLR Fig. 5, else as met."""
-    unique = list(dict.fromkeys(v for v in values if not (isinstance(v, float) and math.isnan(v))))
+    unique = list(
+        dict.fromkeys(plain_value(v) for v in values if not (isinstance(v, float) and math.isnan(v)))
+    )
     if all(isinstance(v, bool | np.bool_) for v in unique):
         return sorted(unique)
     if all(isinstance(v, int | float | np.integer | np.floating) for v in unique):
@@ -222,7 +240,9 @@ def summarize(frame: pd.DataFrame, by: Sequence[str], metric: str, scale: float 
         key = key if isinstance(key, tuple) else (key,)
         mean, std, count, ci95 = describe(group[metric].tolist())
         if count:
-            rows.append({**dict(zip(by, key, strict=True)), "mean": mean, "std": std, "count": count, "ci95": ci95})
+            rows.append(
+                {**dict(zip(by, key, strict=True)), "mean": mean, "std": std, "count": count, "ci95": ci95}
+            )
     return pd.DataFrame(rows, columns=[*by, *STAT_COLUMNS])
 
 
@@ -232,6 +252,11 @@ def unique_text(frame: pd.DataFrame, column: str) -> str:
         return "?"
     values = order_values(frame.loc[frame["status"] == "done", column].dropna().unique())
     return "/".join(str(v) for v in values) or "?"
+
+
+def plain_value(value: Any) -> Any:
+    """2.0 -> 2: integer fields read back as floats when some rows of the frame are empty."""
+    return int(value) if isinstance(value, float | np.floating) and float(value).is_integer() else value
 
 
 def study_title(frame: pd.DataFrame) -> str:
@@ -249,14 +274,25 @@ def format_value(value: float, unit: str) -> str:
     return f"{value:.1f}" if unit == "%" else f"{value:.4g}"
 
 
-def default_axes(frame: pd.DataFrame, count: int) -> list[str]:
-    """The first `count` non-seed axes of the study (first/second for augmentation pairs)."""
+def fill_axes(frame: pd.DataFrame, given: Sequence[str | None]) -> list[str]:
+    """The given axes, each None replaced by an unused study axis (first and second before the others)."""
     names = axis_names(frame)
-    if count == 2 and {"first", "second"} <= set(names):
-        return ["first", "second"]
-    if len(names) < count:
+    preferred = [a for a in ("first", "second") if a in names] + [
+        a for a in names if a not in ("first", "second")
+    ]
+    free = [a for a in preferred if a not in given]
+    if given.count(None) > len(free):
         raise ConfigError(
-            f"this needs {count} study axes but the study has {len(names)} ({', '.join(names) or 'none'});"
-            " name a config field instead"
+            f"this needs {len(given)} axes but the study has {len(names)} besides the seed "
+            f"({', '.join(names) or 'none'}); name config fields with --rows/--cols instead"
         )
-    return names[:count]
+    spare = iter(free)
+    return [name if name is not None else next(spare) for name in given]
+
+
+def figure_title(study: str, frame: pd.DataFrame, metric: str) -> str:
+    """Two lines: study, metric and seeds; then dataset, method, backbone and epochs."""
+    done = frame[frame["status"] == "done"]
+    seeds = done[f"{AXIS}{SEED}"].nunique() if f"{AXIS}{SEED}" in done.columns else 1
+    suffix = f", mean over {seeds} seeds" if seeds > 1 else ""
+    return f"{study}: {metric_label(metric)}{suffix}\n{study_title(frame)}"

@@ -7,8 +7,11 @@ import io
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, FigureBase
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from sslab.errors import ConfigError
 
@@ -46,3 +49,27 @@ def png_data_uri(figure: Figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def add_notes(figure: FigureBase, notes: list[str], missing: bool = False) -> None:
+    """A legend under the figure: the hatched 'no finished trial' swatch (if any are missing) and notes."""
+    handles: list[Artist] = []
+    labels = []
+    if missing:
+        handles.append(Patch(facecolor="white", edgecolor="0.6", hatch="///"))
+        labels.append("no finished trial (blank, not zero)")
+    for note in notes:
+        handles.append(Line2D([], [], linestyle="none"))
+        labels.append(note)
+    if handles:
+        figure.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncols=min(len(handles), 2),
+            fontsize=7,
+            frameon=False,
+            handlelength=1.2 if missing else 0,
+            handletextpad=0.5,
+            labelcolor="0.3",
+        )

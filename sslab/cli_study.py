@@ -1,0 +1,237 @@
+"""`sslab study list|show|run|status`: each command parses, calls the study library and prints."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sslab.errors import SslabError
+
+study_app = typer.Typer(
+    help="Studies: sets of trials that differ along named axes (studies/*.toml and the presets).",
+    no_args_is_help=True,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+NameArg = Annotated[
+    str, typer.Argument(help="a study name (see `sslab study list`) or a path to a .toml file")
+]
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="results store URL (default $SSLAB_DB or sqlite:///results/sslab.db)"),
+]
+MethodOption = Annotated[str | None, typer.Option("--method", help="override the base config's method")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="override a base config field: --set key=value (repeatable)")
+]
+
+
+def _handled(command: Callable[..., Any]) -> Callable[..., Any]:
+    """sslab.cli's one-line error handling, looked up at call time (sslab.cli imports this module)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sslab.cli import handle_errors
+
+        return handle_errors(command)(*args, **kwargs)
+
+    return wrapper
+
+
+def _overrides(method: str | None, sets: list[str] | None) -> dict[str, str]:
+    from sslab.config import parse_assignments
+
+    overrides = parse_assignments(sets or [])
+    if method is not None:
+        overrides["method"] = method
+    return overrides
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "-"
+
+
+@study_app.command("list")
+@_handled
+def study_list(db: DbOption = None) -> None:
+    """Presets and files in studies/: trials, and done/running/failed from the results store."""
+    from sslab.store import Store, StoreError
+    from sslab.study import load_plan, study_files
+    from sslab.study.scheduler import counts_by_study
+
+    try:
+        recorded = counts_by_study(Store(db, create=False))
+    except StoreError:
+        recorded = {}
+    table = Table(show_header=True)
+    table.add_column("study", no_wrap=True)
+    for column in ("trials", "sampler", "in the store", "description"):
+        table.add_column(column)
+    for name, path in study_files().items():
+        try:
+            plan = load_plan(str(path))
+            trials, sampler, description = str(plan.total), plan.spec.sampler, plan.spec.description
+            stored = _counts_text(recorded.get(plan.name, {}))
+        except SslabError as exc:
+            trials, sampler, stored = "-", "-", "-"
+            description = f"[red]invalid:[/] {str(exc).splitlines()[-1].strip()}"
+        table.add_row(name, trials, sampler, stored, description)
+    console.print(table)
+
+
+@study_app.command("show")
+@_handled
+def study_show(
+    name: NameArg, method: MethodOption = None, sets: SetOption = None, db: DbOption = None
+) -> None:
+    """Axes, trial count and the estimated time from throughput measured on finished trials."""
+    from sslab.store import Store, StoreError
+    from sslab.study import load_plan
+    from sslab.study.progress import format_duration
+    from sslab.study.scheduler import estimate
+
+    plan = load_plan(name, _overrides(method, sets))
+    spec = plan.spec
+    console.print(f"[bold]{plan.name}[/]: {spec.description}  ({spec.path})", highlight=False)
+    size = " x ".join(str(len(a.values)) for a in spec.axes if a.discrete)
+    if plan.is_grid:
+        excluded = f", {plan.excluded} excluded" if plan.excluded else ""
+        console.print(f"sampler grid: {plan.total} trials ({size} x {len(spec.seeds)} seed(s){excluded})")
+    else:
+        console.print(f"sampler {spec.sampler}: {plan.total} trials, seed {spec.seeds[0]}")
+    console.print(f"metric: {spec.metric} ({spec.direction})", highlight=False)
+    if spec.protocol == "asymmetric":
+        console.print("protocol asymmetric: aug1 = the studied ops (first, second), aug2 = identity")
+    elif spec.protocol == "symmetric":
+        console.print("protocol symmetric: both views use the studied ops (first, second)")
+    if spec.pruner is not None:
+        p = spec.pruner
+        console.print(
+            f"pruner: median on per-epoch {p.metric} after {p.startup_trials} trials, {p.warmup_epochs} "
+            "warm-up epoch(s)"
+        )
+    base = {**spec.base, **plan.overrides}
+    console.print("base: " + " ".join(f"{k}={v}" for k, v in base.items()), highlight=False)
+    table = Table(show_header=True)
+    table.add_column("axis")
+    table.add_column("values")
+    for axis in spec.axes:
+        values = ", ".join(map(str, axis.values)) if axis.discrete else str(axis.describe())
+        if axis.name in ("first", "second"):
+            values = ", ".join(f"{op} = {spec.op_spec(op)}" for op in axis.values)
+        table.add_row(axis.name, values)
+    table.add_row("seed", ", ".join(map(str, spec.seeds)))
+    console.print(table)
+    for entry in spec.exclude:
+        console.print("exclude: " + " ".join(f"{k} in {list(v)}" for k, v in entry.items()), highlight=False)
+    try:
+        store = Store(db, create=False)
+    except StoreError:
+        console.print("estimated time: unknown (no results store yet to measure throughput from)")
+        return
+    guess = estimate(plan, store) if plan.is_grid else None
+    if guess is not None and guess.remaining == 0:
+        console.print("estimated time: none; every trial is finished in the store")
+    elif guess is None:
+        console.print("estimated time: unknown (no finished trial of this backbone and dataset in the store)")
+    else:
+        console.print(
+            f"estimated time for the {guess.remaining} unfinished trials: {format_duration(guess.seconds)} "
+            f"on one worker ({guess.basis})"
+        )
+
+
+@study_app.command("run")
+@_handled
+def study_run(
+    name: NameArg,
+    method: MethodOption = None,
+    sets: SetOption = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="local worker processes (default: one per GPU, or 1)")
+    ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option("--devices", help="comma-separated devices for the workers, e.g. cuda:0,cuda:1"),
+    ] = None,
+    db: DbOption = None,
+    store_name: Annotated[
+        str | None, typer.Option("--name", help="record the study under this name (default: the file's)")
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="re-point a recorded study at a changed base config")
+    ] = False,
+    heartbeat_timeout: Annotated[
+        float,
+        typer.Option("--heartbeat-timeout", help="seconds of silence after which a worker is presumed dead"),
+    ] = 60.0,
+    checkpoint_dir: Annotated[
+        Path, typer.Option("--checkpoint-dir", help="where per-epoch checkpoints are kept for resuming")
+    ] = Path("results/checkpoints"),
+) -> None:
+    """Run the study's trials that are not done yet (resuming interrupted ones); Ctrl-C stops cleanly."""
+    from sslab.study import load_plan
+    from sslab.study.progress import format_duration
+    from sslab.study.scheduler import RunOptions, run_study
+
+    plan = load_plan(name, _overrides(method, sets), store_name)
+    if heartbeat_timeout <= 0:
+        raise SslabError("--heartbeat-timeout must be > 0 seconds")
+    device_list = tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else None
+    options = RunOptions(workers, device_list, heartbeat_timeout, replace, checkpoint_dir)
+    result = run_study(plan, db, options, err_console)
+    console.print(
+        f"study {result.name}: {result.total} trials: {_counts_text(result.counts)}; "
+        f"trained {result.trained} here in {format_duration(result.seconds)}",
+        highlight=False,
+    )
+    for label, reason in result.failures:
+        console.print(f"  failed: {label}: {reason}", highlight=False)
+
+
+@study_app.command("status")
+@_handled
+def study_status(name: NameArg, db: DbOption = None) -> None:
+    """Progress of a recorded study: one row per trial, failed trials with their reasons, live workers."""
+    import pandas as pd
+
+    from sslab.store import Store
+    from sslab.study.scheduler import study_status as read_status
+
+    if name.endswith(".toml") or "/" in name:
+        from sslab.study import load_spec
+
+        name = load_spec(name).name
+    status = read_status(Store(db, create=False), name)
+    frame = status.frame
+    metric = status.record.get("metric", "linear_top1")
+    total = len(frame) if status.record.get("sampler", "grid") == "grid" else status.record.get("n_trials")
+    console.print(f"[bold]{status.name}[/]: {total} trials: {_counts_text(status.counts)}", highlight=False)
+    if not frame.empty:
+        axes = [c for c in frame.columns if str(c).startswith("axis.")]
+        table = Table(show_header=True)
+        for column in [*(c[5:] for c in axes), "status", metric, "wall time (s)", "hash"]:
+            table.add_column(column)
+        for _, row in frame.iterrows():
+            value = row.get(metric)
+            wall = row.get("wall_time_s")
+            table.add_row(
+                *(str(row[c]) for c in axes),
+                str(row["status"]),
+                f"{value:.4f}" if isinstance(value, float) and not pd.isna(value) else "-",
+                f"{wall:,.1f}" if isinstance(wall, float) and not pd.isna(wall) else "-",
+                str(row["hash"]),
+            )
+        console.print(table)
+        for _, row in frame[frame["status"].isin(["failed", "pruned"])].iterrows():
+            label = " ".join(f"{c[5:]}={row[c]}" for c in axes)
+            console.print(f"{row['status']}: {label}: {row.get('reason') or '-'}", highlight=False)
+    for worker, config_hash, age in status.workers:
+        console.print(f"worker {worker}: trial {config_hash or '-'}, last heartbeat {age:.0f} s ago")

@@ -1,0 +1,307 @@
+"""Run a study: record it, start its workers (in this process or as local processes), show progress, and
+read back where it stands."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from rich.console import Console
+
+from sslab.errors import ConfigError, SslabError
+from sslab.runner import DEFAULT_CHECKPOINT_DIR, run_trial
+from sslab.store import Store
+from sslab.study.expand import StudyPlan
+from sslab.study.progress import Event, StudyDisplay, WorkerStopped
+from sslab.study.worker import TERMINAL, Worker, WorkerOptions, open_study
+
+# Changing these changes what the study's trials mean: a study recorded with others needs --name or --replace.
+IDENTITY = ("base", "set", "protocol", "ops", "metric", "direction")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    workers: int | None = None  # local worker processes; default one per device (one on a CPU)
+    devices: tuple[str, ...] | None = None  # e.g. ("cuda:0", "cuda:1"); default every visible GPU
+    heartbeat_timeout: float = 60.0
+    replace: bool = False  # re-point a recorded study at a changed base config
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
+
+
+@dataclass
+class StudyResult:
+    name: str
+    total: int
+    counts: dict[str, int]
+    trained: int
+    seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (trial, reason)
+
+
+def prepare(plan: StudyPlan, store: Store, replace_recorded: bool = False) -> StudyPlan:
+    """Record the study and its grid in the store and create its Optuna study; check that a study recorded
+    under the same name means the same thing (more seeds or axis values are fine). Returns the plan with the
+    name of its Optuna study: a new version whenever the search space changed, since Optuna's distributions
+    cannot change within one study (finished trials are found by their hash and not run again)."""
+    space = json.loads(json.dumps(plan.search_space()))
+    optuna_name, version = plan.name, 1
+    existing = store.study(plan.name)
+    if existing is not None:
+        old = json.loads(existing.spec_json)
+        if old.get("kind") != "study":
+            raise ConfigError(f"'{plan.name}' is a {old.get('kind', 'different')} record; pass --name NAME")
+        record = json.loads(json.dumps(plan.record()))
+        changed = [key for key in IDENTITY if old.get(key) != record.get(key)]
+        if changed and not replace_recorded:
+            details = "; ".join(f"{key}: {old.get(key)} -> {record.get(key)}" for key in changed)
+            raise ConfigError(
+                f"study '{plan.name}' is recorded in {store.url} with a different {', '.join(changed)} "
+                f"({details}); store this run under another name with --name NAME, or pass --replace to "
+                "re-point the study at the new settings (finished trials stay in the store)"
+            )
+        version = int(old.get("optuna_version", 1))
+        optuna_name = old.get("optuna_study", plan.name)
+        if changed:
+            store.forget_study_trials(plan.name)
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=optuna_name, storage=store.url)
+        if changed or old.get("search_space") != space:
+            version += 1
+            optuna_name = f"{plan.name}.v{version}"
+    plan = replace(plan, optuna_name=optuna_name)
+    store.register_study(plan.name, {**plan.record(), "search_space": space, "optuna_version": version})
+    for cell in plan.cells:
+        store.add_study_trial(plan.name, cell.hash, cell.axes)
+    open_study(plan, store.url)
+    return plan
+
+
+def assign_devices(options: RunOptions) -> tuple[list[str | None], int | None]:
+    """One device per worker, and the CPU threads each worker may use (None: torch's default)."""
+    import torch
+
+    devices: list[str | None]
+    if options.devices:
+        devices = list(options.devices)
+    elif torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    else:
+        devices = [None]
+    workers = options.workers or (len(devices) if devices != [None] else 1)
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (got {workers})")
+    assigned = [devices[i % len(devices)] for i in range(workers)]
+    on_cpu = all(d is None or d == "cpu" for d in assigned)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers) if on_cpu and workers > 1 else None  # split cores, don't oversubscribe
+    return assigned, threads
+
+
+def _worker_main(plan: StudyPlan, url: str, options: WorkerOptions, events: Any) -> None:
+    """Entry point of a local worker process."""
+    import torch
+
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    error = None
+    try:
+        Worker(plan, Store(url), options, events.put).run()
+    except KeyboardInterrupt:
+        error = "interrupted"
+    except SslabError as exc:
+        error = str(exc)
+    events.put(WorkerStopped(options.index, error))
+    if error is not None:
+        raise SystemExit(130 if error == "interrupted" else 2)
+
+
+def run_study(
+    plan: StudyPlan,
+    url: str | None,
+    options: RunOptions,
+    console: Console | None = None,
+    trial_runner: Callable[..., Any] = run_trial,
+) -> StudyResult:
+    """Run every trial of the study that is not done yet; returns how the study stands afterwards."""
+    console = console or Console(stderr=True)
+    store = Store(url)
+    plan = prepare(plan, store, options.replace)
+    devices, threads = assign_devices(options)
+    started = time.perf_counter()
+    display = StudyDisplay(console, plan.name, plan.total, len(devices))
+    base = WorkerOptions(options.heartbeat_timeout, None, threads, options.checkpoint_dir)
+    errors: list[str] = []
+    trained = 0
+    try:
+        if len(devices) == 1:
+            options_1 = replace(base, device=devices[0])
+            trained = Worker(plan, store, options_1, display.handle, trial_runner).run()
+        else:
+            per_worker = [replace(base, device=d, index=i) for i, d in enumerate(devices)]
+            errors = _run_processes(plan, store.url, per_worker, display)
+    finally:
+        display.close()
+    result = summarise(plan, store, time.perf_counter() - started, trained)
+    if errors and sum(result.counts.get(s, 0) for s in TERMINAL) < result.total:
+        raise SslabError(f"study {plan.name} stopped: {errors[0]}")
+    return result
+
+
+def _run_processes(
+    plan: StudyPlan, url: str, options: list[WorkerOptions], display: StudyDisplay
+) -> list[str]:
+    context = mp.get_context("spawn")
+    events = context.Queue()
+    processes = [context.Process(target=_worker_main, args=(plan, url, o, events)) for o in options]
+    for process in processes:
+        process.start()
+    errors: list[str] = []
+    reported: set[int] = set()
+
+    def drain(timeout: float) -> None:
+        try:
+            event: Event = events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if isinstance(event, WorkerStopped) and event.error and event.error != "interrupted":
+            errors.append(event.error)
+        display.handle(event)
+
+    try:
+        while any(p.is_alive() for p in processes):
+            drain(0.2)
+            for index, process in enumerate(processes):
+                if process.exitcode is not None and process.exitcode < 0 and index not in reported:
+                    reported.add(index)
+                    display.console.print(
+                        f"[yellow]worker {index} (pid {process.pid}) was killed by signal "
+                        f"{-process.exitcode}; the other workers take over its trial[/]"
+                    )
+        while True:
+            try:
+                display.handle(events.get_nowait())
+            except queue.Empty:
+                break
+    except KeyboardInterrupt:
+        for process in processes:  # they got the Ctrl-C too and record their trials as interrupted
+            process.join(30)
+            if process.is_alive():
+                process.terminate()
+        raise
+    if all(p.exitcode for p in processes) and not errors:
+        errors.append("every worker stopped before the study finished; run it again to continue")
+    return errors
+
+
+# --- where a study stands --------------------------------------------------------------------------------
+
+
+def study_frame(store: Store, name: str) -> pd.DataFrame:
+    return store.study_frame(name)
+
+
+def summarise(plan: StudyPlan, store: Store, seconds: float, trained: int) -> StudyResult:
+    frame = store.study_frame(plan.name)
+    counts = {str(k): int(v) for k, v in frame["status"].value_counts().items()} if not frame.empty else {}
+    total = len(frame) if plan.is_grid else int(plan.spec.n_trials or 0)
+    if not plan.is_grid:
+        trained_total = sum(counts.get(s, 0) for s in TERMINAL)
+        counts["pending"] = max(0, total - trained_total)
+    failures = []
+    if not frame.empty:
+        axes = [c for c in frame.columns if str(c).startswith("axis.")]
+        for _, row in frame[frame["status"] == "failed"].iterrows():
+            label = " ".join(f"{c[5:]}={row[c]}" for c in axes)
+            failures.append((label, str(row.get("reason") or "")))
+    return StudyResult(plan.name, total, counts, trained, seconds, failures)
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    name: str
+    record: dict[str, Any]
+    frame: pd.DataFrame
+    counts: dict[str, int]
+    workers: list[tuple[str, str | None, float]]  # (worker, trial hash, seconds since its heartbeat)
+
+
+def study_status(store: Store, name: str) -> StudyStatus:
+    row = store.study(name)
+    if row is None:
+        names = [s.name for s in store.studies()]
+        known = ", ".join(names) if names else "none yet"
+        raise SslabError(f"no study '{name}' in {store.url}; recorded studies: {known}")
+    frame = store.study_frame(name)
+    counts = {str(k): int(v) for k, v in frame["status"].value_counts().items()} if not frame.empty else {}
+    now = pd.Timestamp.utcnow().tz_localize(None)
+    workers = [
+        (w.id, w.config_hash, (now - pd.Timestamp(w.heartbeat_at)).total_seconds())
+        for w in store.workers(name)
+    ]
+    return StudyStatus(name, json.loads(row.spec_json), frame, counts, workers)
+
+
+def counts_by_study(store: Store) -> dict[str, dict[str, int]]:
+    result = {}
+    for row in store.studies():
+        frame = store.study_frame(row.name)
+        result[row.name] = (
+            {str(k): int(v) for k, v in frame["status"].value_counts().items()} if not frame.empty else {}
+        )
+    return result
+
+
+# --- time estimates ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float
+    basis: str  # where the throughput came from
+    remaining: int  # trials not finished yet
+
+
+def estimate(plan: StudyPlan, store: Store) -> Estimate | None:
+    """Time for the study's remaining trials from the throughput measured on finished trials in the store
+    (same backbone and dataset; same method and batch size where there are such trials)."""
+    from sslab.runner import prepare_dataset
+
+    frame = store.results_frame()
+    if frame.empty or "images_per_s" not in frame.columns:
+        return None
+    done = frame[(frame["status"] == "done") & frame["images_per_s"].notna()]
+    cells = list(plan.cells)
+    if not cells:
+        return None
+    statuses = store.statuses(c.hash for c in cells)
+    remaining = [c for c in cells if statuses.get(c.hash) not in TERMINAL]
+    sizes: dict[tuple[Any, ...], int] = {}
+    total, exact, used = 0.0, 0, 0
+    for cell in remaining:
+        config = cell.config
+        similar = done[(done["backbone"] == config.backbone) & (done["dataset"] == config.dataset)]
+        if similar.empty:
+            continue
+        same = similar[(similar["method"] == config.method) & (similar["batch_size"] == config.batch_size)]
+        exact += not same.empty
+        pick = same if not same.empty else similar
+        key = (config.dataset, config.data_dir, config.image_size, config.train_subset)
+        if key not in sizes:
+            sizes[key] = int(prepare_dataset(config).train_images.shape[0])
+        overhead = (pick["wall_time_s"] - pick["train_seconds"]).clip(lower=0).mean()
+        total += sizes[key] * config.epochs / float(pick["images_per_s"].mean()) + float(overhead)
+        used += 1
+    if used < len(remaining):
+        return None
+    basis = f"{len(done)} finished trial(s) in the store; {exact}/{len(remaining)} of same method and batch"
+    return Estimate(total, basis, len(remaining))
