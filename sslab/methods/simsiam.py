@@ -17,7 +17,8 @@ class SimSiam(Method):
         # 2-layer projector (the paper's CIFAR setting), batch-norm on its output too; SGD, momentum 0.9
         "out_dim": 512,  # 2048 in the paper, scaled down for small backbones and CPU runs
         "pred_width": 128,  # the predictor's bottleneck: out_dim / 4, as 512 for 2048
-        "lr": 0.05,  # lr x batch/256 with base 0.05 (Sec. 4); the predictor keeps it (pred_lr_fixed)
+        # lr (x batch/256) 0.5, the CIFAR value of solo-learn, not the paper's ImageNet 0.05, which learns too
+        # little in a few epochs; the predictor keeps the base lr (pred_lr_fixed)
     }
 
     def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
