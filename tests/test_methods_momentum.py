@@ -13,6 +13,7 @@ from torch import nn
 from sslab.config import from_mapping
 from sslab.losses import info_nce
 from sslab.methods import Method, build_method
+from sslab.methods.base import Gather
 from sslab.methods.momentum import KeyQueue, cosine_momentum, ema_update, frozen_copy, shuffled_bn_forward
 from sslab.models import build_backbone
 from sslab.optim import build_optimizer
@@ -178,6 +179,33 @@ def test_mocov3_loss_is_the_symmetrised_ctr_scaled_by_2t() -> None:
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+class TwoProcessGather(Gather):
+    """Stands in for torchrun with two processes: this one is rank 1, the other's rows come first."""
+
+    rank, world_size = 1, 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.flip(0) + 1.0, x])
+
+
+def test_keys_of_the_global_batch_are_the_negatives_and_fill_the_queue() -> None:
+    method = make("mocov3", predictor=False, temperature=0.5)
+    method.gather = TwoProcessGather()
+    method.train()
+    views = two_views()
+    out = method(views, torch.zeros(N, dtype=torch.long))
+    with torch.no_grad():
+        z1, z2 = method.head(method.backbone(torch.cat(views))).chunk(2)
+    g = method.gather
+    expected = 2 * 0.5 * (info_nce(z1, g(z2), None, 0.5, N) + info_nce(z2, g(z1), None, 0.5, N))
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    moco = make("moco", queue_size=200)
+    moco.gather = TwoProcessGather()
+    moco.train()
+    moco(views, torch.zeros(N, dtype=torch.long))
+    assert int(moco.contrast.queue.ptr) == 4 * N  # both views' keys of both processes
+
+
 @pytest.mark.parametrize("name", ["mocov3", "byol", "simsiam"])
 def test_losses_are_symmetric_in_the_two_views(name: str) -> None:
     method = make(name)
@@ -233,33 +261,35 @@ def test_defaults_follow_the_papers() -> None:
 
 # ------------------------------------------------------------------------------ short real pretrainings
 
-# Linear-probe margin over the random-init baseline with train_subset 3000, 2 epochs, batch 256; each
-# assertion asks for about half of the margin measured with these settings.
-TRAININGS = {
-    "moco": ({}, 0.01),
-    "mocov3": ({}, 0.01),
-    "byol": ({}, 0.01),
-    "simsiam": ({}, 0.01),
-}
+# Linear-probe margin over the random-init baseline with train_subset 3000, 2 epochs, batch 256 and each
+# method's defaults: measured moco +0.0175, mocov3 +0.038, byol +0.0155, simsiam +0.0205 (seed 0); each
+# assertion asks for about half of it.
+TRAININGS = {"moco": 0.008, "mocov3": 0.019, "byol": 0.0075, "simsiam": 0.01}
 
 
 @pytest.mark.parametrize("method", list(TRAININGS))
 def test_short_pretraining_beats_random_init(method: str, tmp_path) -> None:
-    overrides, min_margin = TRAININGS[method]
-    config = from_mapping({"method": method, "train_subset": 3000, "epochs": 2, "seed": 0, **overrides})
+    config = from_mapping({"method": method, "train_subset": 3000, "epochs": 2, "seed": 0})
     outcome = run_trial(config, Store(f"sqlite:///{tmp_path / 'r.db'}"), checkpoint_dir=tmp_path)
     margin = outcome.metrics["linear_top1"] - outcome.metrics["baseline_linear_top1"]
-    assert margin > min_margin, outcome.metrics
+    assert margin > TRAININGS[method], outcome.metrics
     assert outcome.collapsed is False
 
 
-@pytest.mark.skip(reason="collapse without stop-gradient not yet shown reliably at a CI-sized budget")
 def test_simsiam_collapses_without_stop_gradient(tmp_path) -> None:
-    """SimSiam Fig. 2: without the stop-gradient the outputs collapse to a point; with it they do not."""
+    """SimSiam Fig. 2: without the stop-gradient the outputs collapse to a point; with it they do not.
+
+    The projector has no batch-norm here: the output batch-norm of the default projector standardises z
+    and keeps the collapse out of reach of a test-sized run (collapse ratio ~0.96 after 240 steps).
+    16 steps take the ratio to ~0.07 (loss ~ -0.99) without the stop-gradient; with it, it stays ~0.57.
+    """
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
-    collapsed = {}
+    ratios, collapsed = {}, {}
     for stop in (False, True):
-        config = from_mapping({"method": "simsiam", "stop_gradient": stop, "train_subset": 1024, "epochs": 2})
+        config = from_mapping(
+            {"method": "simsiam", "stop_gradient": stop, "head_bn": False, "train_subset": 1024, "epochs": 4}
+        )
         outcome = run_trial(config, store, checkpoint_dir=tmp_path)
-        collapsed[stop] = outcome.collapsed
-    assert collapsed == {False: True, True: False}
+        ratios[stop], collapsed[stop] = outcome.metrics["collapse_ratio"], outcome.collapsed
+    assert collapsed == {False: True, True: False}, ratios
+    assert ratios[True] > 0.3

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslab.config import from_mapping
+from sslab.config import TrialConfig, from_mapping
 from sslab.errors import ConfigError, SslabError
 from sslab.losses import dino_center, instdisc_partition, sinkhorn
 from sslab.methods import METHODS, Method, build_method
@@ -58,7 +58,8 @@ def test_registered_with_valid_paper_defaults() -> None:
         cls = METHODS[name]
         assert cls.paper
         config = from_mapping({"method": name})  # the defaults pass validation
-        assert all(getattr(config, key) == value for key, value in cls.defaults.items())
+        for key, value in cls.defaults.items():  # applied, and only where the method differs
+            assert getattr(config, key) == value and getattr(TrialConfig, key) != value, key
     assert METHODS["swav"].multicrop and METHODS["dino"].multicrop
     with pytest.raises(ConfigError, match="local crops"):
         preflight(from_mapping({"method": "barlow", "local_crops": 2}))
@@ -231,34 +232,40 @@ def test_supervised_is_cross_entropy_of_a_linear_classifier_on_both_views() -> N
 
 # ------------------------------------------------------------------------------ short real pretrainings
 
-# linear-probe margin over the random-init baseline measured with these settings (see the report in each
-# case's comment); the assertion asks for about half of it.
-TRAININGS = {
-    "swav": ({}, 0.015),
-    "dino": ({}, 0.01),
-    "barlow": ({}, 0.01),
-    "instdisc": ({}, 0.01),
-    "supervised": ({}, 0.03),
+# Linear-probe margins over the random-init baseline, measured with these very runs (3000 images, 2 epochs):
+# SwAV 0.7855 vs 0.7555 (+3.0 points), supervised 0.7940 vs 0.7555 (+3.85); each test asks for about half.
+MARGINS = {"swav": 0.015, "supervised": 0.02}
+
+
+@pytest.mark.parametrize("method", list(MARGINS))
+def test_short_pretraining_beats_random_init(method: str, tmp_path) -> None:
+    config = from_mapping({"method": method, "train_subset": 3000, "epochs": 2, "seed": 0})
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    outcome = run_trial(config, store, checkpoint_dir=tmp_path)
+    margin = outcome.metrics["linear_top1"] - outcome.metrics["baseline_linear_top1"]
+    assert margin > MARGINS[method], outcome.metrics
+    assert outcome.collapsed is False
+
+
+# DINO and Barlow Twins need far more steps than a test can afford to clear the random-init baseline (+0.4 and
+# +1.5 points after the 4-epoch default on 10k images); InstDisc fell below it at every budget measured (-28.5
+# points after that default). These runs check that they train through the real trainer: hooks, dataset
+# indices, checkpoints, evaluation and the store.
+SMOKE = {
+    "dino": {"head_width": 256, "out_dim": 512},
+    "barlow": {"head_width": 512, "out_dim": 512},
+    "instdisc": {"negatives": 256},
 }
 
 
-# DINO, Barlow Twins and InstDisc did not yet clear the random-init baseline at this 2-epoch budget.
-NOT_YET_TUNED = {"dino", "barlow", "instdisc"}
-
-
-@pytest.mark.parametrize(
-    "method",
-    [
-        pytest.param(m, marks=pytest.mark.skip(reason=f"{m}: margin over random init not yet shown"))
-        if m in NOT_YET_TUNED
-        else m
-        for m in TRAININGS
-    ],
-)
-def test_short_pretraining_beats_random_init(method: str, tmp_path) -> None:
-    overrides, min_margin = TRAININGS[method]
-    config = from_mapping({"method": method, "train_subset": 3000, "epochs": 2, "seed": 0, **overrides})
-    outcome = run_trial(config, Store(f"sqlite:///{tmp_path / 'r.db'}"), checkpoint_dir=tmp_path)
-    margin = outcome.metrics["linear_top1"] - outcome.metrics["baseline_linear_top1"]
-    assert margin > min_margin, outcome.metrics
-    assert outcome.collapsed is False
+@pytest.mark.parametrize("method", list(SMOKE))
+def test_short_pretraining_trains_through_the_trainer(method: str, tmp_path) -> None:
+    config = from_mapping({"method": method, "train_subset": 512, "epochs": 2, "seed": 0, **SMOKE[method]})
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    outcome = run_trial(config, store, checkpoint_dir=tmp_path)
+    assert outcome.status == "done" and store.find(config.hash()).status == "done"
+    assert all(math.isfinite(value) for value in outcome.metrics.values()), outcome.metrics
+    losses = [m for m in store.metrics(outcome.trial_id) if m.name == "loss"]
+    assert [m.epoch for m in losses] == [1, 2]
+    if method == "barlow":  # DINO's loss stays near log K this early; InstDisc's grows as the bank fills
+        assert losses[1].value < losses[0].value

@@ -11,6 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sslab.cli import app
+from sslab.config import TrialConfig
+from sslab.methods import METHODS
 from sslab.report.compare import (
     Comparison,
     compare_configs,
@@ -61,12 +63,11 @@ def test_paired_statistics_match_closed_forms() -> None:
 
 
 def test_configs_share_one_budget_whatever_the_method_defaults() -> None:
-    configs = compare_configs(["simclr", "byol"], [0, 1], {"epochs": 3})
+    configs = compare_configs(["simclr", "barlow"], [0, 1], {"epochs": 3})
     budget = {(c.dataset, c.backbone, c.epochs, c.batch_size, c.train_subset) for c in configs.values()}
     assert len(budget) == 1 and next(iter(budget))[2] == 3
-    assert (
-        configs[("byol", 0)].optimizer == "lars" and configs[("simclr", 0)].optimizer == "sgd"
-    )  # own defaults
+    own_defaults = (configs[("barlow", 0)].optimizer, configs[("simclr", 0)].optimizer)
+    assert own_defaults == (METHODS["barlow"].defaults["optimizer"], TrialConfig.optimizer) == ("adam", "sgd")
 
 
 def test_compare_reports_stored_trials_without_running(store: Store) -> None:

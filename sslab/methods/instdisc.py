@@ -28,7 +28,8 @@ from sslab.models import build_head
 class InstDisc(Method):
     name = "instdisc"
     paper = "Wu et al. 2018, Unsupervised Feature Learning via Non-Parametric Instance Discrimination"
-    defaults = {"head": 1, "out_dim": 128, "temperature": 0.07, "negatives": 4096, "bank_momentum": 0.5}
+    # 128-d output, m = 4096 noise samples and bank momentum 0.5 are TrialConfig's defaults, the paper's.
+    defaults = {"head": 1, "temperature": 0.07, "lr": 0.03}
 
     num_images: int | None = None
     batch_indices: Tensor | None = None

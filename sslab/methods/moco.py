@@ -39,7 +39,7 @@ class MoCo(Method):
     def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
         x1, x2 = views[:2]
         q1, q2 = concat_forward(lambda x: self.head(self.backbone(x)), [x1, x2])  # queries (N, D) each
-        loss = self.contrast.loss(q1, q2, x1, x2)  # keys from the momentum encoder, then enqueued
+        loss = self.contrast.loss(q1, q2, x1, x2, self.gather)  # keys from the momentum encoder, enqueued
         return StepOutput(loss=loss, embedding=q1)
 
     def after_step(self, progress: float) -> None:

@@ -45,8 +45,9 @@ class MoCoV3(Method):
         q1, q2 = concat_forward(self.predictor, [z1, z2]) if self.predictor else (z1, z2)  # queries
         with torch.no_grad():
             k1, k2 = concat_forward(lambda x: self.momentum_head(self.momentum_backbone(x)), [x1, x2])  # keys
-        t = self.config.temperature
-        loss = 2 * t * (info_nce(q1, k2, None, t) + info_nce(q2, k1, None, t))  # ctr(q1, k2) + ctr(q2, k1)
+        k1, k2 = self.gather(k1), self.gather(k2)  # keys of the global batch (M, d)
+        t, offset = self.config.temperature, self.gather.offset(len(q1))  # q1[0]'s positive: row offset
+        loss = 2 * t * (info_nce(q1, k2, None, t, offset) + info_nce(q2, k1, None, t, offset))  # ctr + ctr
         return StepOutput(loss=loss, embedding=z1)
 
     def after_step(self, progress: float) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from sslab.config import TrialConfig
 from sslab.losses import info_nce
+from sslab.methods.base import Gather
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -92,8 +93,8 @@ def shuffled_bn_forward(
 class MomentumContrast(nn.Module):
     """MoCo's key encoder (an EMA copy of backbone + head) and queue, with the symmetrised InfoNCE.
 
-    Used by MoCo v1/v2 and by SimCLR v2's memory. With queue_size 0 the other keys of the batch are the
-    negatives. `shuffle_bn` runs the key encoder with shuffling BN (MoCo); without it the key encoder's
+    Used by MoCo v1/v2 and by SimCLR v2's memory. With queue_size 0 the other keys of the (global) batch are
+    the negatives. `shuffle_bn` runs the key encoder with shuffling BN (MoCo); without it the key encoder's
     batch-norm sees the whole batch (SimCLR's global BN).
     """
 
@@ -116,14 +117,19 @@ class MomentumContrast(nn.Module):
 
         return shuffled_bn_forward(encode, x) if self.shuffle_bn else encode(x)
 
-    def loss(self, q1: Tensor, q2: Tensor, x1: Tensor, x2: Tensor) -> Tensor:
-        """1/2 [L(q1, k2) + L(q2, k1)] against the queue; then both key batches are enqueued."""
+    def loss(self, q1: Tensor, q2: Tensor, x1: Tensor, x2: Tensor, gather: Gather) -> Tensor:
+        """1/2 [L(q1, k2) + L(q2, k1)] against the queue; then the global batch's keys are enqueued.
+
+        q1, q2: (N, D) queries of the views x1, x2; `gather` collects keys over training processes.
+        """
         k1, k2 = self.encode_keys(torch.cat([x1, x2])).chunk(2)  # (N, D) each
-        queue = self.queue.keys if self.queue is not None else None  # (K, D)
         t = self.config.temperature
-        loss = (info_nce(q1, k2, queue, t) + info_nce(q2, k1, queue, t)) / 2
-        if self.queue is not None:
-            self.queue.enqueue(torch.cat([k1, k2]))
+        if self.queue is None:  # in-batch negatives: every key of the global batch
+            offset = gather.offset(len(q1))
+            k1_all, k2_all = gather(k1), gather(k2)  # (M, D) each
+            return (info_nce(q1, k2_all, None, t, offset) + info_nce(q2, k1_all, None, t, offset)) / 2
+        loss = (info_nce(q1, k2, self.queue.keys, t) + info_nce(q2, k1, self.queue.keys, t)) / 2
+        self.queue.enqueue(torch.cat([gather(k1), gather(k2)]))  # every process keeps the same queue
         return loss
 
     def update(self, backbone: nn.Module, head: nn.Module, progress: float) -> None:

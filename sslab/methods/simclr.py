@@ -30,7 +30,7 @@ class SimCLR(Method):
     def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
         z1, z2 = concat_forward(lambda x: self.head(self.backbone(x)), views[:2])  # (N, d) each
         if self.contrast is not None:
-            loss = self.contrast.loss(z1, z2, *views[:2])
+            loss = self.contrast.loss(z1, z2, *views[:2], self.gather)
         else:
             # Negatives from the whole global batch: gather is the identity in one process.
             z1_all, z2_all = self.gather(z1), self.gather(z2)  # (M, d) each, M = global batch

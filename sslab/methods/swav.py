@@ -31,9 +31,7 @@ class SwAV(Method):
         # (solo-learn). With a 10-class dataset and 256 images per step, 512 keeps every batch spread over
         # a good share of the prototypes.
         "prototypes": 512,
-        "temperature": 0.1,
-        "sinkhorn_eps": 0.05,
-        "sinkhorn_iters": 3,
+        "temperature": 0.1,  # Sinkhorn epsilon 0.05 with 3 iterations: TrialConfig's defaults, the paper's
         # 2x224 + 6x96 in the paper; two 3/7-size local crops add ~40% to a step of two global views.
         "local_crops": 2,
         "local_scale": "0.05-0.2",  # the paper's locals end where the global crops start (ours: 0.2)
