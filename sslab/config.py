@@ -84,6 +84,7 @@ class TrialConfig:
     lambd: float = 0.0051  # Barlow Twins weight of the off-diagonal (redundancy) term
     bank_momentum: float = 0.5  # InstDisc proximal update of the memory bank
     negatives: int = 4096  # InstDisc noise samples per positive
+    bank_init: str = "random"  # InstDisc memory bank at the start: random (the paper) | first-visit
 
     # --- optimisation ---------------------------------------------------------------------------------
     optimizer: str = "sgd"  # sgd | lars | adam | adamw
@@ -139,6 +140,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "lars", "adam", "adamw"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "probe_layers": ("h", "all"),
+    "bank_init": ("random", "first-visit"),
 }
 _POSITIVE = (
     "epochs",

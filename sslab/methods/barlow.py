@@ -28,7 +28,7 @@ class BarlowTwins(Method):
         # The paper's LARS (trust coefficient 0.001, lr 0.2) changes each weight by ~0.02% a step: far too
         # slow for a few hundred steps. Adam is insensitive to the loss's scale (~D at the start).
         "optimizer": "adam",
-        "lr": 1e-3,
+        "lr": 3e-3,  # measured on 3,000 embedded images x 2 epochs: +3.4 points over random init (1e-3: -1.2)
         "weight_decay": 1.5e-6,  # the paper's
     }
 

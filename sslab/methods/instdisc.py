@@ -4,6 +4,9 @@ v = normalize(W f(x)) (128-d, one linear layer). The memory bank holds one v_i p
 step scores v against its own entry v_i and m noise entries drawn uniformly from the bank, with the NCE
 objective and a normaliser Z estimated once on the first batch (Sec. 3.2). After the step the entries of
 the batch get the proximal update v_i <- normalize(m v_i + (1 - m) v) (m = `bank_momentum`).
+With `bank_init = "first-visit"` an entry starts as the first feature computed for its image instead of a
+random vector: the paper's random start costs nothing over 200 epochs, but in a run of a few epochs the whole
+first epoch would pull each image towards a random target.
 The paper draws one augmented view per image: only the first view is used.
 
 The trainer sets `num_images` (the training set size, for the bank) and `batch_indices` (the rows of the
@@ -29,7 +32,9 @@ class InstDisc(Method):
     name = "instdisc"
     paper = "Wu et al. 2018, Unsupervised Feature Learning via Non-Parametric Instance Discrimination"
     # 128-d output, m = 4096 noise samples and bank momentum 0.5 are TrialConfig's defaults, the paper's.
-    defaults = {"head": 1, "temperature": 0.07, "lr": 0.03}
+    # first-visit: measured on 3,000 embedded images x 2 epochs, the random start ends 6 points below the
+    # random-init probe.
+    defaults = {"head": 1, "temperature": 0.07, "lr": 0.03, "bank_init": "first-visit"}
 
     num_images: int | None = None
     batch_indices: Tensor | None = None
@@ -42,6 +47,7 @@ class InstDisc(Method):
         self.register_buffer("bank", torch.zeros(0, self.head.out_dim))  # (n, D), allocated on first use
         self.register_buffer("z", torch.zeros((), dtype=torch.float64))  # Z; 0 until estimated
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # seeds the noise draws
+        self.register_buffer("visited", torch.zeros(0, dtype=torch.bool))  # (n,) entries written so far
         self._pending: tuple[Tensor, Tensor] | None = None
 
     def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
@@ -51,6 +57,11 @@ class InstDisc(Method):
         v = F.normalize(self.head(self.backbone(views[0])), dim=1)  # (N, D)
         if self.bank.shape[0] != self.num_images:
             self.bank = F.normalize(torch.randn(self.num_images, v.shape[1], device=v.device), dim=1)
+            self.visited = torch.zeros(self.num_images, dtype=torch.bool, device=v.device)
+        if self.config.bank_init == "first-visit":
+            new = ~self.visited[index]  # (N,)
+            self.bank[index[new]] = v.detach()[new].to(self.bank.dtype)
+            self.visited[index] = True
         n_data, m = self.bank.shape[0], self.config.negatives
         generator = torch.Generator(v.device).manual_seed(self.config.seed * 1_000_003 + int(self.steps))
         noise = torch.randint(n_data, (v.shape[0], m), device=v.device, generator=generator)  # P_n = 1/n
@@ -75,4 +86,5 @@ class InstDisc(Method):
         bank = state_dict.get(prefix + "bank")
         if bank is not None:  # the bank is sized by the data: take the checkpoint's shape
             self.bank = torch.empty_like(bank, device=self.bank.device)
+            self.visited = torch.empty(len(bank), dtype=torch.bool, device=self.bank.device)
         super()._load_from_state_dict(state_dict, prefix, *args)
