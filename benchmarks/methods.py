@@ -46,6 +46,8 @@ def main() -> None:
         torch.manual_seed(0)
         backbone = build_backbone(args.backbone, args.channels, args.image_size)
         method = build_method(config, backbone, num_classes=10).to(memory_format=torch.channels_last)
+        method.num_images = 50_000  # CIFAR-10's training set sizes per-image state (InstDisc's memory bank)
+        method.batch_indices = torch.arange(args.batch_size)
         optimizer = build_optimizer(config, method, method.fixed_lr_parameters())
         views = plan_views(config, args.image_size)
         generator = torch.Generator().manual_seed(0)

@@ -298,6 +298,14 @@ def test_cifar10_from_tarball_of_tree(tmp_path: Path) -> None:
     assert torch.equal(again.test_images, ds.test_images)
 
 
+def test_a_cifar10_archive_is_not_taken_for_cifar100(tmp_path: Path) -> None:
+    make_split_tree(tmp_path / "src", CIFAR10_CLASSES, train=1, test=1)
+    (tmp_path / "data").mkdir()
+    make_tarball(tmp_path / "src", tmp_path / "data" / "cifar10-jpeg.tar.gz", "cifar10-jpeg")
+    present = {status.name: status.present for status in dataset_status(tmp_path / "data")}
+    assert present["cifar10"] and not present["cifar100"]
+
+
 def test_cifar10_from_jpeg_tree_folder(tmp_path: Path) -> None:
     pixels = make_split_tree(tmp_path / "tree", CIFAR10_CLASSES, train=2, test=1, fmt="JPEG")
     ds = load_dataset("cifar10", data_dir=tmp_path / "tree", cache_dir=tmp_path / "cache")

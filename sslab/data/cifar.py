@@ -73,11 +73,13 @@ def probe(variant: CifarVariant, root: Path, loose: bool = False) -> Found | Non
         found = _probe_folder(variant, child) or (Found(child, "tarball") if is_tarball(child) else None)
         if found is not None:
             return found
-    if loose:
+    if loose:  # an unnamed candidate, but never one named for the other variant (cifar10-jpeg.tar.gz)
+        others = [other for other in VARIANTS.values() if other is not variant]
         candidates = [
             found
             for child in children
-            if (
+            if not any(other.matches(child.name) for other in others)
+            and (
                 found := _probe_folder(variant, child)
                 or (Found(child, "tarball") if is_tarball(child) else None)
             )
