@@ -22,7 +22,7 @@ from sslab.config import TrialConfig
 from sslab.errors import ConfigError, SslabError
 from sslab.report.curves import plot_bars, plot_curve, series_data
 from sslab.report.data import describe, figure_title, load_study, t_quantile, t_two_sided_p
-from sslab.report.heatmap import heatmap_grid, plot_heatmap, render_heatmap
+from sslab.report.heatmap import heatmap_baseline, heatmap_grid, plot_heatmap, render_heatmap
 from sslab.store import Provenance, Store
 
 runner = CliRunner()
@@ -66,7 +66,11 @@ def fill_aug_pairs(store: Store) -> None:
                 add_trial(
                     store,
                     config,
-                    {"linear_top1": value, "knn_top1": value - 0.1},
+                    {
+                        "linear_top1": value,
+                        "knn_top1": value - 0.1,
+                        "baseline_linear_top1": 0.2 + 0.01 * seed,
+                    },
                     "failed" if failed else "done",
                 )
     pending = TrialConfig(aug1="blur", aug2="cutout", seed=0, epochs=2, dataset="synthetic")
@@ -134,8 +138,13 @@ def _cell_texts(ax: Axes) -> dict[tuple[int, int], str]:
 
 
 def test_heatmap_draws_stored_means_in_fig5_order_with_blanks(store: Store) -> None:
-    grid = heatmap_grid(load_study(store, "aug-pairs"), "first", "second", "linear_top1")
-    figure = plot_heatmap(grid, "aug-pairs")
+    frame = load_study(store, "aug-pairs")
+    grid = heatmap_grid(frame, "first", "second", "linear_top1")
+    baseline = heatmap_baseline(frame, "linear_top1")  # the random-init probe, averaged over finished trials
+    assert (
+        baseline == pytest.approx(100 * frame["baseline_linear_top1"].dropna().mean()) and 20 < baseline < 22
+    )
+    figure = plot_heatmap(grid, "aug-pairs", baseline)
     ax = next(a for a in figure.axes if a.get_label() == "heatmap")
     order = ["crop", "cutout", "color", "blur"]  # SimCLR Fig. 5 order, not the order the study ran in
     assert [t.get_text() for t in ax.get_yticklabels()] == order
@@ -162,6 +171,7 @@ def test_heatmap_draws_stored_means_in_fig5_order_with_blanks(store: Store) -> N
     assert ax.get_ylabel() == "1st transformation" and ax.get_xlabel() == "2nd transformation"
     legend = [t.get_text() for t in figure.legends[0].get_texts()]
     assert any("no finished trial" in t for t in legend) and any("diagonal" in t for t in legend)
+    assert f"random-init backbone: {baseline:.1f}" in legend
 
 
 def test_heatmap_command_writes_figure_and_the_plotted_numbers(store: Store, tmp_path: Path) -> None:
@@ -334,7 +344,10 @@ def test_results_of_a_study_in_every_format(store: Store) -> None:
     [
         (["report", "heatmap", "nope"], "no study named 'nope'"),
         (["report", "heatmap", "empty"], "study 'empty' has no finished trials yet (1 pending)"),
-        (["report", "heatmap", "aug-pairs", "--metric", "acc"], "recorded metrics: knn_top1, linear_top1"),
+        (
+            ["report", "heatmap", "aug-pairs", "--metric", "acc"],
+            "recorded metrics: baseline_linear_top1, knn_top1, linear_top1",
+        ),
         (["report", "heatmap", "aug-pairs", "--rows", "op"], "the study's axes are: first, second, seed"),
         (["report", "heatmap", "aug-pairs", "--out", "a.jpg"], "use a .png, .svg or .pdf"),
         (["report", "curve", "aug-pairs", "--x", "first"], "choose one with --where second=VALUE"),

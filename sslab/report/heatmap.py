@@ -92,8 +92,11 @@ def heatmap_grid(frame: pd.DataFrame, row: str, col: str, metric: str) -> Grid:
     return Grid(label_of(row_column), label_of(col_column), rows, cols, mean, std, count, metric, unit)
 
 
-def plot_heatmap(grid: Grid, title: str) -> Figure:
-    """The grid with the Average column after a gap; blank hatched cells where no trial finished."""
+def plot_heatmap(grid: Grid, title: str, baseline: float | None = None) -> Figure:
+    """The grid with the Average column after a gap; blank hatched cells where no trial finished.
+
+    `baseline`: the metric of the untrained backbone (already in the grid's unit), noted under the figure.
+    """
     values = np.column_stack([grid.mean, grid.average])  # (R, C + 1)
     n_rows, n_cols = values.shape
     figure = new_figure(2.2 + 0.8 * n_cols, 1.9 + 0.6 * n_rows)
@@ -132,7 +135,10 @@ def plot_heatmap(grid: Grid, title: str) -> Figure:
     colorbar = figure.colorbar(image, ax=ax, shrink=0.85)
     colorbar.set_label(metric_label(grid.metric))
     ax.set_title(title, fontsize=10)
-    add_notes(figure, _notes(grid), missing=bool(np.isnan(grid.mean).any()))
+    notes = _notes(grid)
+    if baseline is not None:
+        notes.append(f"random-init backbone: {format_value(baseline, grid.unit)}")
+    add_notes(figure, notes, missing=bool(np.isnan(grid.mean).any()))
     return figure
 
 
@@ -149,6 +155,14 @@ def _notes(grid: Grid) -> list[str]:
         notes.append(f"cell: mean ± std over {'/'.join(map(str, seeds))} seeds")
     notes.append(f"{AVERAGE}: mean of the row's cells that have a value")
     return notes
+
+
+def heatmap_baseline(frame: pd.DataFrame, metric: str) -> float | None:
+    """Mean of the metric's random-init counterpart (`baseline_<metric>`) over the trials, if recorded."""
+    column = f"baseline_{metric}"
+    if column not in frame or frame[column].isna().all():
+        return None
+    return float(frame[column].mean()) * metric_scale(metric)[0]
 
 
 @dataclass
@@ -172,6 +186,6 @@ def render_heatmap(
     frame = apply_where(load_study(store, study), where or {})
     rows, cols = fill_axes(frame, [rows, cols])
     grid = heatmap_grid(frame, rows, cols, metric)
-    figure = plot_heatmap(grid, figure_title(study, frame, metric))
+    figure = plot_heatmap(grid, figure_title(study, frame, metric), heatmap_baseline(frame, metric))
     save_figure(figure, path, grid.to_frame())
     return HeatmapResult(path, path.with_suffix(".csv"), grid)
