@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sslab.errors import SslabError
+from sslab.errors import ConfigError, SslabError
 
 study_app = typer.Typer(
     help="Studies: sets of trials that differ along named axes (studies/*.toml and the presets).",
@@ -30,6 +30,10 @@ DbOption = Annotated[
 MethodOption = Annotated[str | None, typer.Option("--method", help="override the base config's method")]
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="override a base config field: --set key=value (repeatable)")
+]
+
+SeedsOption = Annotated[
+    str | None, typer.Option("--seeds", help="replicate seeds instead of the file's, e.g. --seeds 0,1,2")
 ]
 
 
@@ -52,6 +56,17 @@ def _overrides(method: str | None, sets: list[str] | None) -> dict[str, str]:
     if method is not None:
         overrides["method"] = method
     return overrides
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--seeds {text!r}: give integers separated by commas, e.g. --seeds 0,1,2"
+        ) from None
 
 
 def _counts_text(counts: dict[str, int]) -> str:
@@ -89,7 +104,11 @@ def study_list(db: DbOption = None) -> None:
 @study_app.command("show")
 @_handled
 def study_show(
-    name: NameArg, method: MethodOption = None, sets: SetOption = None, db: DbOption = None
+    name: NameArg,
+    method: MethodOption = None,
+    sets: SetOption = None,
+    seeds: SeedsOption = None,
+    db: DbOption = None,
 ) -> None:
     """Axes, trial count and the estimated time from throughput measured on finished trials."""
     from sslab.store import Store, StoreError
@@ -97,7 +116,7 @@ def study_show(
     from sslab.study.progress import format_duration
     from sslab.study.scheduler import estimate
 
-    plan = load_plan(name, _overrides(method, sets))
+    plan = load_plan(name, _overrides(method, sets), seeds=_seeds(seeds))
     spec = plan.spec
     console.print(f"[bold]{plan.name}[/]: {spec.description}  ({spec.path})", highlight=False)
     size = " x ".join(str(len(a.values)) for a in spec.axes if a.discrete)
@@ -154,6 +173,7 @@ def study_run(
     name: NameArg,
     method: MethodOption = None,
     sets: SetOption = None,
+    seeds: SeedsOption = None,
     workers: Annotated[
         int | None, typer.Option("--workers", help="local worker processes (default: one per GPU, or 1)")
     ] = None,
@@ -181,7 +201,7 @@ def study_run(
     from sslab.study.progress import format_duration
     from sslab.study.scheduler import RunOptions, run_study
 
-    plan = load_plan(name, _overrides(method, sets), store_name)
+    plan = load_plan(name, _overrides(method, sets), store_name, _seeds(seeds))
     if heartbeat_timeout <= 0:
         raise SslabError("--heartbeat-timeout must be > 0 seconds")
     device_list = tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else None

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sslab.study.expand import Cell, StudyPlan, make_plan
-from sslab.study.spec import Problems, StudySpec, find_study, load_spec, parse_spec, study_files
+from sslab.study.spec import (
+    Problems,
+    StudySpec,
+    find_study,
+    load_spec,
+    parse_spec,
+    study_files,
+    with_seeds,
+)
 
 __all__ = [
     "Cell",
@@ -22,9 +30,17 @@ __all__ = [
 
 
 def load_plan(
-    name: str, overrides: Mapping[str, Any] | None = None, stored_name: str | None = None
+    name: str,
+    overrides: Mapping[str, Any] | None = None,
+    stored_name: str | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> StudyPlan:
-    """Find, parse and validate a study with its overrides: every problem is reported at once."""
+    """Find, parse and validate a study with its overrides: every problem is reported at once.
+
+    `seeds` replaces the file's replicate seeds (`--seeds`).
+    """
     problems = Problems(name)
     spec = load_spec(name, problems)
+    if seeds is not None:
+        spec = with_seeds(spec, seeds, problems)
     return make_plan(spec, overrides, stored_name, problems)

@@ -9,8 +9,9 @@ searches, the `metric` and its `direction`, an optional `[pruner]`, and, for aug
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,16 +334,24 @@ def _parse_ops(raw: Any, problems: Problems) -> dict[str, str]:
     return ops
 
 
-def _parse_seeds(raw: Any, problems: Problems) -> list[int]:
+def with_seeds(spec: StudySpec, seeds: Sequence[int], problems: Problems) -> StudySpec:
+    """The study with other replicate seeds (`--seeds`), checked as the file's `seeds` would be."""
+    parsed = _parse_seeds(list(seeds), problems, "--seeds")
+    if spec.sampler != "grid" and len(parsed) != 1:
+        problems.add("--seeds", f"sampler {spec.sampler} takes one seed")
+    return dataclasses.replace(spec, seeds=tuple(parsed))
+
+
+def _parse_seeds(raw: Any, problems: Problems, where: str = "seeds") -> list[int]:
     if (
         not isinstance(raw, list)
         or not raw
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw)
     ):
-        problems.add("seeds", "must be a non-empty list of integers >= 0, e.g. seeds = [0, 1, 2]")
+        problems.add(where, "must be a non-empty list of integers >= 0, e.g. seeds = [0, 1, 2]")
         return [0]
     if len(set(raw)) != len(raw):
-        problems.add("seeds", "has repeated seeds")
+        problems.add(where, "has repeated seeds")
     return list(dict.fromkeys(raw))
 
 
