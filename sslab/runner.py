@@ -122,6 +122,10 @@ def evaluate(
             config.knn_k,
             config.knn_t,
         )
+    deepest = max((int(layer[1:]) for layer in train if layer != "h"), default=0)
+    if deepest:  # z = g(h), the head's output, whatever its depth (SimCLR Fig. 8 probes h against z)
+        for name in ("linear_top1", "knn_top1"):
+            metrics[f"{name}_z"] = metrics[f"{name}_g{deepest}"]
     return metrics
 
 

@@ -32,6 +32,19 @@ def test_simclr_beats_random_init_on_embedded_fashion_mnist(store, tmp_path) -> 
     assert epochs[-1].value < epochs[0].value
 
 
+@pytest.mark.parametrize("head", [1, 3])
+def test_probe_layers_all_probes_every_head_layer_and_names_z(store, tmp_path, head: int) -> None:
+    config = from_mapping(
+        {"dataset": "synthetic", "epochs": 1, "batch_size": 64, "head": head, "probe_layers": "all"}
+    )
+    metrics = run_trial(config, store, checkpoint_dir=tmp_path).metrics
+    layers = [f"g{depth}" for depth in range(1, head + 1)]
+    assert all(f"linear_top1_{g}" in metrics and f"knn_top1_{g}" in metrics for g in layers)
+    assert f"linear_top1_g{head + 1}" not in metrics
+    assert metrics["linear_top1_z"] == metrics[f"linear_top1_g{head}"]  # z: the head's output
+    assert metrics["knn_top1_z"] == metrics[f"knn_top1_g{head}"]
+
+
 def test_non_finite_loss_fails_the_trial_and_keeps_its_record(store, tmp_path) -> None:
     config = from_mapping(
         {"dataset": "synthetic", "epochs": 2, "batch_size": 64, "lr": 1e6, "normalize": False}
