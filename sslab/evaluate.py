@@ -155,7 +155,7 @@ def knn_top1(
     """Weighted kNN on cosine similarity (Wu et al. 2018): class votes weighted by exp(sim / T)."""
     train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
     k = min(k, train_x.shape[0])
-    correct = 0
+    correct: float = 0  # .item() is typed int | float
     for start in range(0, test_x.shape[0], chunk):
         sims = test_x[start : start + chunk] @ train_x.T  # (B, N)
         top_sims, top_index = sims.topk(k, dim=1)  # (B, k)

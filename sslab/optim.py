@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -28,8 +28,9 @@ class LARS(torch.optim.Optimizer):
     ) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
 
+    # Optimizer.step's overloads return the closure's loss; LARS never calls a closure and returns None.
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
             exclude = group.get("lars_exclude", False)
             for p in group["params"]:
@@ -56,6 +57,8 @@ class LARS(torch.optim.Optimizer):
 
 def _split_decay(parameters: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weights, biases and normalisation parameters): the second group gets no weight decay."""
+    decay: list[nn.Parameter]
+    no_decay: list[nn.Parameter]
     decay, no_decay = [], []
     for parameter in parameters:
         if not parameter.requires_grad:

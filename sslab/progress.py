@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from sslab.train import EpochRecord
 
@@ -15,7 +15,7 @@ class RichReporter:
         self.console = console or Console(stderr=True)
         self.description = description
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
 
     def start(self, total_steps: int, done_steps: int) -> None:
         self.progress = Progress(

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 from sqlalchemy import (
@@ -33,7 +33,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import CursorResult, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -159,7 +159,7 @@ def resolve_url(url: str | None) -> str:
 
 def _enable_sqlite_wal(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=60000")
@@ -376,15 +376,19 @@ class Store:
         cutoff = now - timedelta(seconds=stale_after_s)
         with self.session() as session:
             free = ClaimRow.worker.is_(None) | (ClaimRow.worker == worker) | (ClaimRow.heartbeat_at < cutoff)
-            result = session.execute(
-                update(ClaimRow)
-                .where(ClaimRow.config_hash == config_hash, free)
-                .values(worker=worker, heartbeat_at=now, attempts=ClaimRow.attempts + 1)
-                .execution_options(synchronize_session=False)
+            result = cast(  # an UPDATE gives a CursorResult, which has the matched row count
+                "CursorResult[Any]",
+                session.execute(
+                    update(ClaimRow)
+                    .where(ClaimRow.config_hash == config_hash, free)
+                    .values(worker=worker, heartbeat_at=now, attempts=ClaimRow.attempts + 1)
+                    .execution_options(synchronize_session=False)
+                ),
             )
             if result.rowcount != 1:
                 return 0
-            return int(session.scalar(select(ClaimRow.attempts).where(ClaimRow.config_hash == config_hash)))
+            attempts = session.scalar(select(ClaimRow.attempts).where(ClaimRow.config_hash == config_hash))
+            return int(cast(int, attempts))  # the row was just updated
 
     def release_trial(self, config_hash: str, worker: str) -> None:
         with self.session() as session:
@@ -434,7 +438,7 @@ class Store:
         long_ago = datetime(1970, 1, 1)
         with self.session() as session:
             for table in (WorkerRow, ClaimRow):
-                key = table.id if table is WorkerRow else table.worker
+                key = table.id if table is WorkerRow else cast(type[ClaimRow], table).worker
                 session.execute(
                     update(table)
                     .where(key == worker)

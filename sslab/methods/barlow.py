@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from sslab.config import TrialConfig
 from sslab.losses import barlow_twins
 from sslab.methods.base import Method, StepOutput, register
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 
 @register
@@ -32,7 +33,9 @@ class BarlowTwins(Method):
         "weight_decay": 1.5e-6,  # the paper's
     }
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from sslab.config import TrialConfig
 from sslab.errors import ConfigError
-from sslab.models import Head
+from sslab.models import Backbone, Head
 
 
 @dataclass
@@ -52,10 +52,14 @@ class Method(nn.Module):
     paper: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}  # config fields this method sets differently from TrialConfig
     multicrop: ClassVar[bool] = False  # whether forward() uses local crops beyond the two global views
-    backbone: nn.Module
+    backbone: Backbone
     head: Head | None
+    # Set by the trainer: the training set size before training, the rows of each batch before its forward
+    # (per-image state such as InstDisc's memory bank).
+    num_images: int | None
+    batch_indices: Tensor | None
 
-    def __init__(self, config: TrialConfig, backbone: nn.Module, num_classes: int) -> None:
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__()
         self.config = config
         self.backbone = backbone
@@ -88,7 +92,7 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def build_method(config: TrialConfig, backbone: nn.Module, num_classes: int) -> Method:
+def build_method(config: TrialConfig, backbone: Backbone, num_classes: int) -> Method:
     try:
         factory: Callable[..., Method] = METHODS[config.method]
     except KeyError:

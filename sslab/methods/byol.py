@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sslab.config import TrialConfig
 from sslab.losses import byol_loss
 from sslab.methods.base import Method, StepOutput, concat_forward, register
 from sslab.methods.momentum import ema_update, frozen_copy, momentum_at
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 
 @register
@@ -23,7 +24,9 @@ class BYOL(Method):
         "pred_lr_fixed": False,  # BYOL's predictor follows the schedule
     }
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         d = config.out_dim
         self.head = build_head(backbone.feature_dim, config.head, config.head_width, d, config.head_bn)  # g

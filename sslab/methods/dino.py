@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslab.config import TrialConfig
 from sslab.losses import dino_center, dino_loss
 from sslab.methods.base import Method, StepOutput, concat_forward, register
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 BOTTLENECK = 256  # DINO head's l2-normalised bottleneck before the last layer
 
@@ -56,7 +57,11 @@ class DINO(Method):
         "local_crops": 2,  # 2 global + 10 local crops in the paper; 2 local crops add ~40% to a step
     }
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+    teacher_prototypes: Tensor  # the teacher's last layer (K, 256)
+    center: Tensor  # c (1, K)
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, BOTTLENECK, config.head_bn

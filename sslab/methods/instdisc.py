@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sslab.config import TrialConfig
 from sslab.errors import SslabError
 from sslab.losses import instdisc_nce, instdisc_partition
 from sslab.methods.base import Method, StepOutput, register
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 
 @register
@@ -39,7 +40,13 @@ class InstDisc(Method):
     num_images: int | None = None
     batch_indices: Tensor | None = None
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+    bank: Tensor  # (n, D) memory bank, one entry per training image
+    z: Tensor  # () normaliser Z, 0 until estimated
+    steps: Tensor  # () steps taken, seeds the noise draws
+    visited: Tensor  # (n,) entries written so far
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn

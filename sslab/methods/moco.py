@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from sslab.config import TrialConfig
 from sslab.methods.base import Method, StepOutput, concat_forward, register
 from sslab.methods.momentum import MomentumContrast
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 
 @register
@@ -29,7 +30,9 @@ class MoCo(Method):
         "lr": 0.3,  # ImageNet 0.03 (200 epochs) learns too slowly in a few epochs; 0.3 as for CIFAR
     }
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sslab.config import TrialConfig
 from sslab.losses import info_nce
 from sslab.methods.base import Method, StepOutput, concat_forward, register
 from sslab.methods.momentum import ema_update, frozen_copy, momentum_at
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 
 @register
@@ -27,7 +28,9 @@ class MoCoV3(Method):
         "pred_lr_fixed": False,  # the predictor follows the schedule
     }
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         d, bn = config.out_dim, config.head_bn
         self.head = build_head(backbone.feature_dim, config.head, config.head_width, d, bn, last_bn=bn)

@@ -28,6 +28,8 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
 
     Integer buffers (batch-norm's num_batches_tracked) are copied. Both modules must share one structure.
     """
+    t: Tensor  # parameters in the first loop, buffers in the second
+    o: Tensor
     for t, o in zip(target.parameters(), online.parameters(), strict=True):
         t.lerp_(o.detach(), 1.0 - tau)
     for t, o in zip(target.buffers(), online.buffers(), strict=True):

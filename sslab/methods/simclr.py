@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor
 
+from sslab.config import TrialConfig
 from sslab.losses import nt_xent
 from sslab.methods.base import Method, StepOutput, concat_forward, register
 from sslab.methods.momentum import MomentumContrast
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 
 @register
@@ -15,7 +18,9 @@ class SimCLR(Method):
     name = "simclr"
     paper = "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations"
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn
@@ -30,7 +35,7 @@ class SimCLR(Method):
     def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
         z1, z2 = concat_forward(lambda x: self.head(self.backbone(x)), views[:2])  # (N, d) each
         if self.contrast is not None:
-            loss = self.contrast.loss(z1, z2, *views[:2], self.gather)
+            loss = self.contrast.loss(z1, z2, *cast(tuple[Tensor, Tensor], views[:2]), self.gather)
         else:
             # Negatives from the whole global batch: gather is the identity in one process.
             z1_all, z2_all = self.gather(z1), self.gather(z2)  # (M, d) each, M = global batch

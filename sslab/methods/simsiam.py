@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from sslab.config import TrialConfig
 from sslab.losses import negative_cosine
 from sslab.methods.base import Method, StepOutput, concat_forward, register
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 
 @register
@@ -21,7 +22,9 @@ class SimSiam(Method):
         # little in a few epochs; the predictor keeps the base lr (pred_lr_fixed)
     }
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         d = config.out_dim
         self.head = build_head(  # projection MLP, output layer followed by batch-norm without affine

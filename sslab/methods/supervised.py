@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sslab.config import TrialConfig
 from sslab.methods.base import Method, StepOutput, register
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 
 @register
@@ -23,7 +24,9 @@ class Supervised(Method):
     paper = "Supervised cross-entropy baseline (as in Chen et al. 2020, Table 1)"
     defaults = {"head": 1}
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         self.head = build_head(backbone.feature_dim, 1, None, num_classes, batch_norm=False)  # W h + b
 

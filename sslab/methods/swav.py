@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslab.config import TrialConfig
 from sslab.losses import sinkhorn, swav_loss
 from sslab.methods.base import Method, StepOutput, concat_forward, register
-from sslab.models import build_head
+from sslab.models import Backbone, Head, build_head
 
 
 @register
@@ -37,7 +38,10 @@ class SwAV(Method):
         "local_scale": "0.05-0.2",  # the paper's locals end where the global crops start (ours: 0.2)
     }
 
-    def __init__(self, config, backbone, num_classes):  # type: ignore[no-untyped-def]
+    head: Head
+    queue_filled: Tensor  # () rows of the queue written, registered with the queue
+
+    def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn

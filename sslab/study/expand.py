@@ -178,6 +178,7 @@ def make_plan(
     if spec.sampler != "grid":
         return StudyPlan(spec, name or spec.name, overrides)
 
+    seen: dict[str, Cell]  # cell hash -> the first cell giving that trial
     cells, excluded, seen = [], 0, {}
     for axes in _combinations(spec):
         if is_excluded(spec, axes):

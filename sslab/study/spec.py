@@ -14,13 +14,14 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from sslab.config import FIELD_NAMES, RUNTIME_FIELDS, load_toml
 from sslab.errors import ConfigError
 
 SAMPLERS = ("grid", "tpe", "random")
-DIRECTIONS = ("maximize", "minimize")
+Direction = Literal["maximize", "minimize"]
+DIRECTIONS: tuple[Direction, ...] = ("maximize", "minimize")
 PROTOCOLS = ("asymmetric", "symmetric")
 OP_AXES = ("first", "second")  # augmentation axes: the studied op(s), in order
 DISTRIBUTIONS = ("int", "float", "log", "categorical")
@@ -117,7 +118,7 @@ class StudySpec:
     sampler: str = "grid"
     n_trials: int | None = None
     metric: str = "linear_top1"
-    direction: str = "maximize"
+    direction: Direction = "maximize"
     protocol: str | None = None
     ops: Mapping[str, str] = field(default_factory=dict)
     pruner: Pruner | None = None
@@ -314,7 +315,7 @@ def parse_spec(data: Mapping[str, Any], path: str, problems: Problems | None = N
         sampler=sampler or "grid",
         n_trials=n_trials,
         metric=metric,
-        direction=direction or "maximize",
+        direction=cast(Direction, direction or "maximize"),  # _choice keeps it to DIRECTIONS
         protocol=protocol,
         ops=ops,
         pruner=pruner,

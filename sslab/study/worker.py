@@ -477,6 +477,7 @@ class Worker:
         except Exception as exc:
             if isinstance(exc, SslabError) and not isinstance(exc, TrialFailed) and not self._recorded(cell):
                 raise  # not the trial's fault (no device, store unreachable): stop the worker
+            reason: str | None  # None below when the trial ends without a reason
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not self._recorded(cell):
                 self._record_failure(config, reason)
