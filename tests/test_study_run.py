@@ -4,6 +4,7 @@ several workers (SQLite, and PostgreSQL when SSLAB_TEST_POSTGRES_URL is set) wit
 import io
 import json
 import os
+import re
 import secrets
 import signal
 import statistics
@@ -255,6 +256,9 @@ def _two_workers_one_killed(tmp_path: Path, url: str, separate_processes: bool) 
     survivors = [p for p in processes if p.pid != pid]
     assert survivors and all(p.returncode == 0 for p in survivors), outputs
     assert "3 trials: 3 done" in outputs[processes.index(survivors[0])]
+    if not separate_processes:  # the survivor trained its own trial and the one it took over
+        trained_here = re.search(r"trained (\d+) here", outputs[0])
+        assert trained_here and int(trained_here.group(1)) >= 2, outputs
     frame = store.study_frame("tiny")
     assert len(frame) == 3 and set(frame["status"]) == {"done"}  # nothing lost
     # Every trial was started once, except the killed one: taken over once by the other worker.

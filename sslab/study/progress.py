@@ -58,6 +58,7 @@ class Waiting:
 class WorkerStopped:
     worker: int
     error: str | None  # None: finished normally
+    trained: int = 0  # trials this worker trained
 
 
 Event = Overall | TrialStarted | TrialProgress | TrialEnded | Waiting | WorkerStopped

@@ -113,14 +113,14 @@ def _worker_main(plan: StudyPlan, url: str, options: WorkerOptions, events: Any)
 
     if options.threads is not None:
         torch.set_num_threads(options.threads)
-    error = None
+    error, trained = None, 0
     try:
-        Worker(plan, Store(url), options, events.put).run()
+        trained = Worker(plan, Store(url), options, events.put).run()
     except KeyboardInterrupt:
         error = "interrupted"
     except SslabError as exc:
         error = str(exc)
-    events.put(WorkerStopped(options.index, error))
+    events.put(WorkerStopped(options.index, error, trained))
     if error is not None:
         raise SystemExit(130 if error == "interrupted" else 2)
 
@@ -148,7 +148,7 @@ def run_study(
             trained = Worker(plan, store, options_1, display.handle, trial_runner).run()
         else:
             per_worker = [replace(base, device=d, index=i) for i, d in enumerate(devices)]
-            errors = _run_processes(plan, store.url, per_worker, display)
+            errors, trained = _run_processes(plan, store.url, per_worker, display)
     finally:
         display.close()
     result = summarise(plan, store, time.perf_counter() - started, trained)
@@ -159,7 +159,9 @@ def run_study(
 
 def _run_processes(
     plan: StudyPlan, url: str, options: list[WorkerOptions], display: StudyDisplay
-) -> list[str]:
+) -> tuple[list[str], int]:
+    """Run one process per worker option until all stop; returns their errors and how many trials they
+    trained."""
     context = mp.get_context("spawn")
     events = context.Queue()
     processes = [context.Process(target=_worker_main, args=(plan, url, o, events)) for o in options]
@@ -167,15 +169,21 @@ def _run_processes(
         process.start()
     errors: list[str] = []
     reported: set[int] = set()
+    trained = 0
+
+    def handle(event: Event) -> None:
+        nonlocal trained
+        if isinstance(event, WorkerStopped):
+            trained += event.trained
+            if event.error and event.error != "interrupted":
+                errors.append(event.error)
+        display.handle(event)
 
     def drain(timeout: float) -> None:
         try:
-            event: Event = events.get(timeout=timeout)
+            handle(events.get(timeout=timeout))
         except queue.Empty:
             return
-        if isinstance(event, WorkerStopped) and event.error and event.error != "interrupted":
-            errors.append(event.error)
-        display.handle(event)
 
     try:
         while any(p.is_alive() for p in processes):
@@ -189,7 +197,7 @@ def _run_processes(
                     )
         while True:
             try:
-                display.handle(events.get_nowait())
+                handle(events.get_nowait())
             except queue.Empty:
                 break
     except KeyboardInterrupt:
@@ -200,7 +208,7 @@ def _run_processes(
         raise
     if all(p.exitcode for p in processes) and not errors:
         errors.append("every worker stopped before the study finished; run it again to continue")
-    return errors
+    return errors, trained
 
 
 # --- where a study stands --------------------------------------------------------------------------------
