@@ -21,7 +21,7 @@ from sslab.cli import app
 from sslab.config import TrialConfig
 from sslab.errors import ConfigError, SslabError
 from sslab.report.curves import plot_bars, plot_curve, series_data
-from sslab.report.data import describe, figure_title, load_study, t_quantile, t_two_sided_p
+from sslab.report.data import apply_where, describe, figure_title, load_study, t_quantile, t_two_sided_p
 from sslab.report.heatmap import heatmap_baseline, heatmap_grid, plot_heatmap, render_heatmap
 from sslab.store import Provenance, Store
 
@@ -231,8 +231,17 @@ def test_bars_leave_missing_out_and_mark_them(store: Store, tmp_path: Path) -> N
         [100 * np.mean([grid_value(d, 0, s) for s in (0, 1)]) for d in (16, 64)]
     )
     assert len(heights[1]) == len(heights[2]) == 3
-    assert [t.get_text() for t in ax.texts] == ["n/a"]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts.count("n/a") == 1  # the missing bar; every drawn bar carries its value
+    assert sorted(t for t in texts if t != "n/a") == sorted(f"{h:.1f}" for bars in heights for h in bars)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["16", "64", "256"]
+    assert all(bars.errorbar is not None for bars in ax.containers if hasattr(bars, "patches"))
+    one_seed = series_data(
+        apply_where(load_study(store, "head"), {"seed": "0"}), "out_dim", "head", "linear_top1"
+    )
+    figure = plot_bars(one_seed, "head")
+    assert all(bars.errorbar is None for bars in figure.axes[0].containers if hasattr(bars, "patches"))
+    assert "one seed per point: no error bars" in [t.get_text() for t in figure.legends[0].get_texts()]
     out = tmp_path / "bars.pdf"
     args = ["report", "bars", "head", "--x", "out_dim", "--hue", "head", "--error", "ci", "--out", str(out)]
     result = runner.invoke(app, [*args, "--db", store.url])

@@ -18,6 +18,7 @@ from sslab.report.data import (
     check_single_valued,
     column_for,
     figure_title,
+    format_value,
     label_of,
     load_study,
     metric_label,
@@ -54,7 +55,15 @@ class Series:
             isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool) for x in self.xs
         )
 
+    @property
+    def replicated(self) -> bool:
+        """Whether any point has two or more seeds, so that there is a spread to draw."""
+        return bool((self.count >= 2).any())
+
     def errors(self, kind: str) -> np.ndarray | None:
+        """Error bar half-lengths (H, X), or None when none are drawn (asked so, or a single seed)."""
+        if not self.replicated:
+            return None
         return {"std": self.std, "ci": self.ci95, "none": None}[kind]
 
     def to_frame(self) -> pd.DataFrame:
@@ -112,9 +121,19 @@ def _decorate(ax: Axes, series: Series, title: str, error: str, missing_note: st
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", color="0.9")
     ax.set_axisbelow(True)
-    if series.hue_axis is not None:
-        ax.legend(title=series.hue_axis, fontsize=8, title_fontsize=8, frameon=False)
-    notes = [ERROR_NOTES[error]] if error != "none" else []
+    if series.hue_axis is not None:  # beside the axes, where it cannot cover a bar or a point
+        ax.legend(
+            title=series.hue_axis,
+            fontsize=8,
+            title_fontsize=8,
+            frameon=False,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+        )
+    if not series.replicated:
+        notes = ["one seed per point: no error bars"]
+    else:
+        notes = [ERROR_NOTES[error]] if error != "none" else []
     if np.isnan(series.mean).any():
         notes.append(missing_note)
     add_notes(ax.figure, notes)
@@ -156,7 +175,7 @@ def plot_bars(series: Series, title: str, error: str = "std") -> Figure:
         positions = np.arange(len(series.xs)) - 0.4 + width * (h + 0.5)
         present = ~np.isnan(series.mean[h])
         yerr = None if errors is None else np.nan_to_num(errors[h][present])
-        ax.bar(
+        bars = ax.bar(
             positions[present],
             series.mean[h][present],
             width=width * 0.92,
@@ -164,6 +183,8 @@ def plot_bars(series: Series, title: str, error: str = "std") -> Figure:
             capsize=2,
             label=str(hue) if series.hue_axis is not None else None,
         )
+        # The value on each bar: bars start at 0, so differences of a point or two are hard to read off.
+        ax.bar_label(bars, [format_value(v, series.unit) for v in series.mean[h][present]], fontsize=7)
         for position in positions[~present]:
             ax.text(position, 0, "n/a", ha="center", va="bottom", fontsize=8, color="0.3")
     ax.set_xticks(np.arange(len(series.xs)), [str(x) for x in series.xs])
