@@ -14,8 +14,9 @@ study() {  # NAME PRESET [extra study-run options]: run PRESET at CIFAR-10 CPU s
   local name=$1 preset=$2
   shift 2
   local start=$SECONDS
-  "$sslab" study run "$preset" --name "$name" "$@" "${workers[@]}"
+  "$sslab" study run "$preset" --name "$name" "$@" "${workers[@]}"  # failed trials are recorded, not fatal
   echo "$name: $((SECONDS - start)) s wall-clock" >&2
+  "$sslab" results --study "$name" --format csv > "results/$name-trials.csv"
 }
 
 run_one() {
@@ -35,8 +36,7 @@ run_one() {
         --out results/color-strength-cifar10.png ;;
     methods)
       study methods-cifar10 methods "${cpu_scale[@]}" --seeds 0
-      $sslab report bars methods-cifar10 --x method --out results/methods-cifar10.png
-      $sslab results --study methods-cifar10 --format csv > results/methods-cifar10-trials.csv ;;
+      $sslab report bars methods-cifar10 --x method --out results/methods-cifar10.png ;;
     head)
       study head-cifar10 head "${cpu_scale[@]}"
       $sslab report curve head-cifar10 --x out_dim --hue head --out results/head-cifar10-h.png

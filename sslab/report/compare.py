@@ -292,7 +292,7 @@ def plot_learning_curves(store: Store, frame: pd.DataFrame, by: Sequence[str], t
     if curves.empty:
         return None
     metrics = [m for m in CURVE_METRICS if m in set(curves["metric"])]
-    figure = new_figure(4.2 * len(metrics) + 0.6, 3.8)
+    figure = new_figure(4.2 * len(metrics) + 2.2, 3.8)  # + the legend beside the panels
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
         scale, unit = metric_scale(metric)
@@ -309,9 +309,16 @@ def plot_learning_curves(store: Store, frame: pd.DataFrame, by: Sequence[str], t
             ax.set_xticks(epochs)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].legend(title=" · ".join(c.removeprefix("axis.") for c in by) or None, fontsize=8, frameon=False)
+    axes[-1].legend(  # beside the last panel, where it covers no line
+        title=" · ".join(c.removeprefix("axis.") for c in by) or None,
+        fontsize=8,
+        frameon=False,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+    )
     figure.suptitle(title, fontsize=10)
-    add_notes(figure, ["lines: mean over seeds; bands: ± std"])
+    replicated = bool((curves["count"] >= 2).any())
+    add_notes(figure, ["lines: mean over seeds; bands: ± std" if replicated else "one seed per line"])
     return figure
 
 
