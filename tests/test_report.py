@@ -21,8 +21,16 @@ from sslab.cli import app
 from sslab.config import TrialConfig
 from sslab.errors import ConfigError, SslabError
 from sslab.report.curves import plot_bars, plot_curve, series_data
-from sslab.report.data import apply_where, describe, figure_title, load_study, t_quantile, t_two_sided_p
-from sslab.report.heatmap import heatmap_baseline, heatmap_grid, plot_heatmap, render_heatmap
+from sslab.report.data import (
+    apply_where,
+    baseline_value,
+    describe,
+    figure_title,
+    load_study,
+    t_quantile,
+    t_two_sided_p,
+)
+from sslab.report.heatmap import heatmap_grid, plot_heatmap, render_heatmap
 from sslab.store import Provenance, Store
 
 runner = CliRunner()
@@ -140,7 +148,7 @@ def _cell_texts(ax: Axes) -> dict[tuple[int, int], str]:
 def test_heatmap_draws_stored_means_in_fig5_order_with_blanks(store: Store) -> None:
     frame = load_study(store, "aug-pairs")
     grid = heatmap_grid(frame, "first", "second", "linear_top1")
-    baseline = heatmap_baseline(frame, "linear_top1")  # the random-init probe, averaged over finished trials
+    baseline = baseline_value(frame, "linear_top1")  # the random-init probe, averaged over finished trials
     assert (
         baseline == pytest.approx(100 * frame["baseline_linear_top1"].dropna().mean()) and 20 < baseline < 22
     )
@@ -242,6 +250,11 @@ def test_bars_leave_missing_out_and_mark_them(store: Store, tmp_path: Path) -> N
     figure = plot_bars(one_seed, "head")
     assert all(bars.errorbar is None for bars in figure.axes[0].containers if hasattr(bars, "patches"))
     assert "one seed per point: no error bars" in [t.get_text() for t in figure.legends[0].get_texts()]
+    with_baseline = plot_bars(series, "head", baseline=30.0)
+    dashed = [line for line in with_baseline.axes[0].lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [30.0, 30.0]
+    notes = [t.get_text() for t in with_baseline.legends[0].get_texts()]
+    assert "dashed: random-init backbone (30.0)" in notes
     out = tmp_path / "bars.pdf"
     args = ["report", "bars", "head", "--x", "out_dim", "--hue", "head", "--error", "ci", "--out", str(out)]
     result = runner.invoke(app, [*args, "--db", store.url])

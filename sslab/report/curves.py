@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from sslab.errors import ConfigError
 from sslab.report.data import (
     apply_where,
+    baseline_value,
     check_metric,
     check_single_valued,
     column_for,
@@ -115,7 +116,9 @@ def series_data(frame: pd.DataFrame, x: str, hue: str | None, metric: str) -> Se
     )
 
 
-def _decorate(ax: Axes, series: Series, title: str, error: str, missing_note: str) -> None:
+def _decorate(
+    ax: Axes, series: Series, title: str, error: str, missing_note: str, baseline: float | None
+) -> None:
     ax.set_xlabel(series.x_axis)
     ax.set_ylabel(metric_label(series.metric))
     ax.set_title(title, fontsize=10)
@@ -136,10 +139,13 @@ def _decorate(ax: Axes, series: Series, title: str, error: str, missing_note: st
         notes = [ERROR_NOTES[error]] if error != "none" else []
     if np.isnan(series.mean).any():
         notes.append(missing_note)
+    if baseline is not None:  # the number every point is read against
+        ax.axhline(baseline, color="0.35", linestyle="--", linewidth=1)
+        notes.append(f"dashed: random-init backbone ({format_value(baseline, series.unit)})")
     add_notes(ax.figure, notes)
 
 
-def plot_curve(series: Series, title: str, error: str = "std") -> Figure:
+def plot_curve(series: Series, title: str, error: str = "std", baseline: float | None = None) -> Figure:
     """A line per hue value over x; a log2 x scale for sizes spanning powers of two (as in the papers)."""
     figure = new_figure(6.0, 4.2)
     ax = figure.add_subplot()
@@ -161,11 +167,11 @@ def plot_curve(series: Series, title: str, error: str = "std") -> Figure:
         ax.set_xscale("log", base=2)
     ax.set_xticks(positions, [str(x) for x in series.xs])
     ax.minorticks_off()
-    _decorate(ax, series, title, error, "points without a finished trial are left out")
+    _decorate(ax, series, title, error, "points without a finished trial are left out", baseline)
     return figure
 
 
-def plot_bars(series: Series, title: str, error: str = "std") -> Figure:
+def plot_bars(series: Series, title: str, error: str = "std", baseline: float | None = None) -> Figure:
     """Grouped bars: one group per x value, one bar per hue; a missing bar is marked n/a, never drawn as 0."""
     figure = new_figure(max(5.0, 1.0 + 0.35 * len(series.xs) * len(series.hues) + 0.5 * len(series.xs)), 4.2)
     ax = figure.add_subplot()
@@ -188,7 +194,7 @@ def plot_bars(series: Series, title: str, error: str = "std") -> Figure:
         for position in positions[~present]:
             ax.text(position, 0, "n/a", ha="center", va="bottom", fontsize=8, color="0.3")
     ax.set_xticks(np.arange(len(series.xs)), [str(x) for x in series.xs])
-    _decorate(ax, series, title, error, "n/a: no finished trial (no bar drawn)")
+    _decorate(ax, series, title, error, "n/a: no finished trial (no bar drawn)", baseline)
     return figure
 
 
@@ -218,5 +224,5 @@ def render_series(
     series = series_data(frame, x, hue, metric)
     title = figure_title(study, frame, metric)
     plot = plot_curve if kind == "curve" else plot_bars
-    save_figure(plot(series, title, error), path, series.to_frame())
+    save_figure(plot(series, title, error, baseline_value(frame, metric)), path, series.to_frame())
     return FigureResult(path, path.with_suffix(".csv"), series)

@@ -104,6 +104,15 @@ def metric_scale(metric: str) -> tuple[float, str]:
     return (100.0, "%") if "top1" in metric else (1.0, "")
 
 
+def baseline_value(frame: pd.DataFrame, metric: str) -> float | None:
+    """Mean of the metric's random-init counterpart (`baseline_<metric>`) over the trials, in the metric's
+    display unit; None where it was not recorded."""
+    column = f"baseline_{metric}"
+    if column not in frame or frame[column].isna().all():
+        return None
+    return float(frame[column].mean()) * metric_scale(metric)[0]
+
+
 def metric_label(metric: str) -> str:
     unit = metric_scale(metric)[1]
     return f"{metric} ({unit})" if unit else metric

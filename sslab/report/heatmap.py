@@ -16,6 +16,7 @@ from matplotlib.patches import Rectangle
 from sslab.errors import ConfigError
 from sslab.report.data import (
     apply_where,
+    baseline_value,
     check_metric,
     check_single_valued,
     column_for,
@@ -157,14 +158,6 @@ def _notes(grid: Grid) -> list[str]:
     return notes
 
 
-def heatmap_baseline(frame: pd.DataFrame, metric: str) -> float | None:
-    """Mean of the metric's random-init counterpart (`baseline_<metric>`) over the trials, if recorded."""
-    column = f"baseline_{metric}"
-    if column not in frame or frame[column].isna().all():
-        return None
-    return float(frame[column].mean()) * metric_scale(metric)[0]
-
-
 @dataclass
 class HeatmapResult:
     path: Path
@@ -186,6 +179,6 @@ def render_heatmap(
     frame = apply_where(load_study(store, study), where or {})
     rows, cols = fill_axes(frame, [rows, cols])
     grid = heatmap_grid(frame, rows, cols, metric)
-    figure = plot_heatmap(grid, figure_title(study, frame, metric), heatmap_baseline(frame, metric))
+    figure = plot_heatmap(grid, figure_title(study, frame, metric), baseline_value(frame, metric))
     save_figure(figure, path, grid.to_frame())
     return HeatmapResult(path, path.with_suffix(".csv"), grid)

@@ -19,6 +19,7 @@ from sslab.report.compare import plot_learning_curves
 from sslab.report.curves import plot_bars, plot_curve, series_data
 from sslab.report.data import (
     axis_names,
+    baseline_value,
     check_metric,
     figure_title,
     load_study,
@@ -111,18 +112,23 @@ def _plot_axes(frame: pd.DataFrame) -> list[str]:
 
 def _figures(store: Store, study: str, frame: pd.DataFrame, metric: str) -> str:
     axes = _plot_axes(frame)
-    title = figure_title(study, frame, metric)
+    title, baseline = figure_title(study, frame, metric), baseline_value(frame, metric)
     parts = ["<h2>Figures</h2>"]
     try:
         if len(axes) == 2:
             grid = heatmap_grid(frame, axes[0], axes[1], metric)
-            parts.append(_figure_html(plot_heatmap(grid, title), f"{metric} by {axes[0]} and {axes[1]}"))
+            parts.append(
+                _figure_html(plot_heatmap(grid, title, baseline), f"{metric} by {axes[0]} and {axes[1]}")
+            )
         if len(axes) in (1, 2) and axes != ["first", "second"]:
             x, hue = (axes[0], axes[1] if len(axes) == 2 else None)
             series = series_data(frame, x, hue, metric)
             plot = plot_curve if series.numeric_x and len(series.xs) > 2 else plot_bars
             parts.append(
-                _figure_html(plot(series, title), f"{metric} over {x}" + (f" by {hue}" if hue else ""))
+                _figure_html(
+                    plot(series, title, baseline=baseline),
+                    f"{metric} over {x}" + (f" by {hue}" if hue else ""),
+                )
             )
     except ConfigError as exc:
         parts.append(f"<p class='note'>No figure: {escape(str(exc))}.</p>")
