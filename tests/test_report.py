@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from sslab.cli import app
 from sslab.config import TrialConfig
 from sslab.errors import ConfigError, SslabError
-from sslab.report.curves import plot_bars, plot_curve, series_data
+from sslab.report.curves import Series, plot_bars, plot_curve, series_data
 from sslab.report.data import (
     apply_where,
     baseline_value,
@@ -229,6 +229,16 @@ def test_curve_plots_means_and_seed_error_bars(store: Store) -> None:
         segments = container.lines[2][0].get_segments()  # error bars: mean ± std over the two seeds
         std = 100 * np.std([grid_value(16, head, s) for s in (0, 1)], ddof=1)
         assert [seg[1][1] - seg[0][1] for seg in segments] == pytest.approx([2 * std] * len(dims))
+
+
+def test_curve_leaves_a_hue_without_points_out_of_the_legend() -> None:
+    mean = np.array([[50.0, 51.0], [np.nan, np.nan]])  # hue "none" has no point (e.g. no z to probe)
+    nan = np.full((2, 2), np.nan)
+    count = np.array([[1, 1], [0, 0]])
+    series = Series("out_dim", "head", [32, 64], ["linear", "none"], mean, nan, nan, count, "m", "%")
+    ax = plot_curve(series, "t").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["linear"]
+    assert list(ax.lines[0].get_ydata()) == [50.0, 51.0]
 
 
 def test_bars_leave_missing_out_and_mark_them(store: Store, tmp_path: Path) -> None:

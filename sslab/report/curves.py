@@ -154,6 +154,8 @@ def plot_curve(series: Series, title: str, error: str = "std", baseline: float |
     errors = series.errors(error)
     for h, hue in enumerate(series.hues):
         present = ~np.isnan(series.mean[h])
+        if not present.any():  # no point to draw: no empty legend entry either
+            continue
         yerr = None if errors is None else np.nan_to_num(errors[h][present])
         ax.errorbar(
             positions[present],
