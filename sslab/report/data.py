@@ -105,12 +105,20 @@ def metric_scale(metric: str) -> tuple[float, str]:
 
 
 def baseline_value(frame: pd.DataFrame, metric: str) -> float | None:
-    """Mean of the metric's random-init counterpart (`baseline_<metric>`) over the trials, in the metric's
-    display unit; None where it was not recorded."""
+    """Mean over seeds of the metric's random-init counterpart (`baseline_<metric>`), in the metric's display
+    unit. None where it was not recorded, or where it differs between trials of one seed (the study varies
+    the backbone or the data, so no single number is the baseline)."""
     column = f"baseline_{metric}"
     if column not in frame or frame[column].isna().all():
         return None
-    return float(frame[column].mean()) * metric_scale(metric)[0]
+    recorded = frame.dropna(subset=[column])
+    per_seed = recorded.groupby("axis.seed")[column] if "axis.seed" in recorded else [(0, recorded[column])]
+    values = []
+    for _, group in per_seed:
+        if group.max() - group.min() > 1e-9:
+            return None
+        values.append(float(group.iloc[0]))
+    return float(np.mean(values)) * metric_scale(metric)[0]
 
 
 def metric_label(metric: str) -> str:
