@@ -25,13 +25,13 @@ run_one() {
       study aug-pairs-cifar10 aug-pairs-cifar10
       $sslab report heatmap aug-pairs-cifar10 --out results/aug-pairs-cifar10.png ;;
     temperature)
-      study temperature-cifar10 temperature "${cpu_scale[@]}"
+      study temperature-cifar10 temperature "${cpu_scale[@]}" --seeds 0,1
       $sslab report table temperature-cifar10 --rows temperature --cols normalize -f csv \
         -o results/temperature-cifar10.csv
       $sslab report table temperature-cifar10 --rows temperature --cols normalize -f markdown \
         -o results/temperature-cifar10.md ;;
     color-strength)
-      study color-strength-cifar10 color-strength "${cpu_scale[@]}"
+      study color-strength-cifar10 color-strength "${cpu_scale[@]}" --seeds 0,1
       $sslab report bars color-strength-cifar10 --x strength --hue method \
         --out results/color-strength-cifar10.png ;;
     methods)
