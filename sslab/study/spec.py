@@ -297,8 +297,7 @@ def parse_spec(data: Mapping[str, Any], path: str, problems: Problems | None = N
         if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
             problems.add("n_trials", f"sampler {sampler} needs n_trials = a positive integer")
             n_trials = None
-        if len(seeds) != 1:
-            problems.add("seeds", f"sampler {sampler} takes one seed; replicate good configs in a grid study")
+        _check_one_seed(sampler, seeds, problems, "seeds")
 
     exclude = _parse_exclude(data.get("exclude", []), {a.name: a for a in axes}, seeds, problems)
     pruner = _parse_pruner(data.get("pruner"), problems)
@@ -338,9 +337,15 @@ def _parse_ops(raw: Any, problems: Problems) -> dict[str, str]:
 def with_seeds(spec: StudySpec, seeds: Sequence[int], problems: Problems) -> StudySpec:
     """The study with other replicate seeds (`--seeds`), checked as the file's `seeds` would be."""
     parsed = _parse_seeds(list(seeds), problems, "--seeds")
-    if spec.sampler != "grid" and len(parsed) != 1:
-        problems.add("--seeds", f"sampler {spec.sampler} takes one seed")
+    if spec.sampler != "grid":
+        _check_one_seed(spec.sampler, parsed, problems, "--seeds")
     return dataclasses.replace(spec, seeds=tuple(parsed))
+
+
+def _check_one_seed(sampler: str | None, seeds: Sequence[int], problems: Problems, where: str) -> None:
+    """Search samplers take one seed: each of their trials is a new point, not a replicate."""
+    if len(seeds) != 1:
+        problems.add(where, f"sampler {sampler} takes one seed; replicate good configs in a grid study")
 
 
 def _parse_seeds(raw: Any, problems: Problems, where: str = "seeds") -> list[int]:
