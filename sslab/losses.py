@@ -316,11 +316,21 @@ def _check_instdisc(v: Tensor, negatives: Tensor, n_data: int, temperature: floa
         raise ValueError(
             f"expected v (N, D) and negatives (N, m, D), got {tuple(v.shape)}, {tuple(negatives.shape)}"
         )
-    if negatives.shape[1] < 1:
+    _check_noise(negatives.shape[1], n_data, temperature)
+
+
+def _check_noise(m: int, n_data: int, temperature: float) -> None:
+    if m < 1:
         raise ValueError("need at least one noise sample per row (m >= 1)")
     if n_data < 1:
         raise ValueError(f"n_data must be >= 1, got {n_data}")
     _check_temperature("temperature", temperature)
+
+
+def _noise_cosines(v: Tensor, negatives: Tensor) -> Tensor:
+    """v_n . negatives_nj for l2-normalised rows: (N, D), (N, m, D) -> (N, m)."""
+    v_neg = F.normalize(_as_float(negatives.detach()).to(v.dtype), dim=2)  # (N, m, D)
+    return torch.einsum("nd,nmd->nm", v, v_neg)
 
 
 def instdisc_partition(v: Tensor, negatives: Tensor, n_data: int, temperature: float = 0.07) -> float:
@@ -332,10 +342,17 @@ def instdisc_partition(v: Tensor, negatives: Tensor, n_data: int, temperature: f
     """
     _check_instdisc(v, negatives, n_data, temperature)
     with torch.no_grad():
-        v = F.normalize(_as_float(v), dim=1)  # (N, D)
-        v_neg = F.normalize(_as_float(negatives).to(v.dtype), dim=2)  # (N, m, D)
-        s = torch.einsum("nd,nmd->nm", v, v_neg) / temperature  # (N, m)
-        return float(n_data * torch.exp(s.double()).mean())
+        cosines = _noise_cosines(F.normalize(_as_float(v), dim=1), negatives)  # (N, m)
+        return instdisc_partition_from_cosines(cosines, n_data, temperature)
+
+
+def instdisc_partition_from_cosines(noise_cosines: Tensor, n_data: int, temperature: float = 0.07) -> float:
+    """`instdisc_partition` from the cosines (N, m) between each feature and its noise entries."""
+    if noise_cosines.dim() != 2:
+        raise ValueError(f"expected noise cosines (N, m), got {tuple(noise_cosines.shape)}")
+    _check_noise(noise_cosines.shape[1], n_data, temperature)
+    s = _as_float(noise_cosines.detach()).double() / temperature  # (N, m)
+    return float(n_data * torch.exp(s).mean())
 
 
 def instdisc_nce(
@@ -358,13 +375,31 @@ def instdisc_nce(
     _check_instdisc(v, negatives, n_data, temperature)
     if positives.shape != v.shape:
         raise ValueError(f"positives must match v's shape {tuple(v.shape)}, got {tuple(positives.shape)}")
-    if z <= 0:
-        raise ValueError(f"z must be > 0, got {z}")
-    m = negatives.shape[1]
     v = F.normalize(_as_float(v), dim=1)  # (N, D)
     v_pos = F.normalize(_as_float(positives.detach()).to(v.dtype), dim=1)  # (N, D)
-    v_neg = F.normalize(_as_float(negatives.detach()).to(v.dtype), dim=2)  # (N, m, D)
+    return instdisc_nce_from_cosines(
+        (v * v_pos).sum(dim=1), _noise_cosines(v, negatives), n_data, z, temperature
+    )
+
+
+def instdisc_nce_from_cosines(
+    positive_cosines: Tensor, noise_cosines: Tensor, n_data: int, z: float, temperature: float = 0.07
+) -> Tensor:
+    """`instdisc_nce` from the cosines of each feature with its own entry (N,) and its noise draws (N, m).
+
+    The method scores its noise draws against the whole bank in one matrix product where that is cheaper
+    than gathering (N, m, D) entries, and comes here with the cosines.
+    """
+    if positive_cosines.dim() != 1 or noise_cosines.dim() != 2 or len(noise_cosines) != len(positive_cosines):
+        raise ValueError(
+            f"expected positive cosines (N,) and noise cosines (N, m), got "
+            f"{tuple(positive_cosines.shape)}, {tuple(noise_cosines.shape)}"
+        )
+    m = noise_cosines.shape[1]
+    _check_noise(m, n_data, temperature)
+    if z <= 0:
+        raise ValueError(f"z must be > 0, got {z}")
     log_noise = math.log(z * m / n_data)  # log(Z m P_n): h = sigmoid(s / T - log(Z m P_n))
-    x_pos = (v * v_pos).sum(dim=1) / temperature - log_noise  # (N,)
-    x_neg = torch.einsum("nd,nmd->nm", v, v_neg) / temperature - log_noise  # (N, m)
+    x_pos = _as_float(positive_cosines) / temperature - log_noise  # (N,)
+    x_neg = _as_float(noise_cosines) / temperature - log_noise  # (N, m)
     return -(F.logsigmoid(x_pos) + F.logsigmoid(-x_neg).sum(dim=1)).mean()

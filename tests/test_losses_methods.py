@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sslab.losses import (
     barlow_twins,
@@ -10,7 +11,9 @@ from sslab.losses import (
     dino_loss,
     info_nce,
     instdisc_nce,
+    instdisc_nce_from_cosines,
     instdisc_partition,
+    instdisc_partition_from_cosines,
     negative_cosine,
     sinkhorn,
     swav_loss,
@@ -552,3 +555,19 @@ def test_instdisc_rejects_bad_input() -> None:
         instdisc_nce(v, torch.randn(4, 2), neg, 100, 1.0)
     with pytest.raises(ValueError, match="z must be"):
         instdisc_nce(v, v, neg, 100, 0.0)
+    with pytest.raises(ValueError, match="positive cosines \\(N,\\) and noise cosines \\(N, m\\)"):
+        instdisc_nce_from_cosines(torch.zeros(3), torch.zeros(4, 5), 100, 1.0)
+    with pytest.raises(ValueError, match="noise cosines \\(N, m\\)"):
+        instdisc_partition_from_cosines(torch.zeros(4), 100)
+
+
+def test_instdisc_from_cosines_is_the_loss_of_those_cosines() -> None:
+    v, pos, neg = randn(5, 3, seed=0), randn(5, 3, seed=1), randn(5, 4, 3, seed=2)
+    unit_v, unit_pos, unit_neg = (F.normalize(t, dim=-1) for t in (v, pos, neg))
+    pos_cos = (unit_v * unit_pos).sum(1)  # (N,)
+    neg_cos = torch.einsum("nd,nmd->nm", unit_v, unit_neg)  # (N, m)
+    z = instdisc_partition_from_cosines(neg_cos, 100, 0.07)
+    assert z == pytest.approx(naive_partition(v, neg, 100, 0.07), rel=1e-10)
+    expected = naive_instdisc_nce(v, pos, neg, 100, z, 0.07)
+    loss = instdisc_nce_from_cosines(pos_cos, neg_cos, 100, z, 0.07)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)

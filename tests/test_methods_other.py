@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sslab.config import TrialConfig, from_mapping
 from sslab.errors import ConfigError, SslabError
-from sslab.losses import dino_center, instdisc_partition, sinkhorn
+from sslab.losses import dino_center, instdisc_nce, instdisc_partition, sinkhorn
 from sslab.methods import METHODS, Method, build_method
 from sslab.methods import swav as swav_module
 from sslab.models import build_backbone
@@ -201,6 +201,26 @@ def test_instdisc_bank_proximal_update_and_z_estimated_once() -> None:
         v0 = F.normalize(fresh.head(fresh.backbone(views[0])), dim=1)
         exact = instdisc_partition(v0, fresh.bank.expand(N, 64, 128), 64, 0.07)
     assert float(fresh.z) == pytest.approx(exact, rel=0.05)
+
+
+@pytest.mark.parametrize("rows_per_draw", [32, 0])  # score against the whole bank | gather the draws
+def test_instdisc_loss_is_nce_of_the_gathered_noise_entries(rows_per_draw: int, monkeypatch) -> None:
+    from sslab.methods import instdisc as instdisc_module
+
+    monkeypatch.setattr(instdisc_module, "_MATMUL_BANK_ROWS_PER_DRAW", rows_per_draw)
+    inst = make("instdisc", negatives=32, bank_init="random")
+    inst.num_images, inst.batch_indices = 64, torch.arange(3, 3 + N)
+    views = views_for(inst, 0)
+    out = inst(views, torch.zeros(N, dtype=torch.long))
+    v = F.normalize(inst.head(inst.backbone(views[0])), dim=1)
+    generator = torch.Generator().manual_seed(0)  # the method's draw at seed 0, step 0
+    noise = torch.randint(64, (N, 32), generator=generator)
+    bank = inst.bank
+    expected = instdisc_nce(v, bank[inst.batch_indices], bank[noise], 64, float(inst.z), 0.07)
+    assert float(inst.z) == pytest.approx(instdisc_partition(v, bank[noise], 64, 0.07), rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None for p in inst.head.parameters())
 
 
 def test_instdisc_checkpoint_restores_the_bank_and_needs_indices() -> None:
