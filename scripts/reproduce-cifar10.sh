@@ -2,7 +2,8 @@
 # The SimCLR ablations on CIFAR-10 at 2-core CPU scale (docs/reproductions.md): runs each study (finished
 # trials are skipped, so a rerun only redraws), then writes its figures, tables and CSVs to results/.
 #   SSLAB_DATA=../shared/data bash scripts/reproduce-cifar10.sh [STUDY ...]
-# STUDY: aug-pairs temperature color-strength methods head batch-size (default: all, in that order).
+# STUDY: aug-pairs temperature color-strength methods head batch-size, then the longer-budget follow-ups
+# color-strength-budget batch-size-budget aug-pairs-seeds (default: all, in that order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,6 +19,9 @@ study() {  # NAME PRESET [extra study-run options]: run PRESET at CIFAR-10 CPU s
   echo "$name: $((SECONDS - start)) s wall-clock" >&2
   "$sslab" results --study "$name" --format csv > "results/$name-trials.csv"
 }
+
+all="aug-pairs temperature color-strength methods head batch-size color-strength-budget batch-size-budget"
+all+=" aug-pairs-seeds"
 
 run_one() {
   case $1 in
@@ -46,11 +50,23 @@ run_one() {
       study batch-size-cifar10 batch-size "${cpu_scale[@]}"
       $sslab report bars batch-size-cifar10 --x batch_size --hue epochs \
         --out results/batch-size-cifar10.png ;;
-    *) echo "unknown study '$1'; choose from: aug-pairs temperature color-strength methods head batch-size" >&2
+    color-strength-budget)
+      study color-strength-budget-cifar10 color-strength-budget-cifar10
+      $sslab report bars color-strength-budget-cifar10 --x strength --hue epochs \
+        --out results/color-strength-budget-cifar10.png ;;
+    batch-size-budget)
+      study batch-size-budget-cifar10 batch-size-budget-cifar10
+      $sslab report curve batch-size-budget-cifar10 --x epochs --hue batch_size \
+        --out results/batch-size-budget-cifar10.png ;;
+    aug-pairs-seeds)
+      study aug-pairs-seeds-cifar10 aug-pairs-seeds-cifar10
+      $sslab report bars aug-pairs-seeds-cifar10 --x pair --hue epochs \
+        --out results/aug-pairs-seeds-cifar10.png ;;
+    *) echo "unknown study '$1'; choose from: $all" >&2
        exit 2 ;;
   esac
 }
 
-for name in "${@:-aug-pairs temperature color-strength methods head batch-size}"; do
+for name in "${@:-$all}"; do
   for one in $name; do run_one "$one"; done
 done

@@ -148,6 +148,32 @@ temperature = 0.5
         load_plan(path)
 
 
+CIFAR_CPU_SCALE = {"dataset": "cifar10", "train_subset": "20000", "precision": "bf16"}
+
+
+@pytest.mark.parametrize(
+    ("follow_up", "original", "overrides", "shared"),
+    [
+        ("color-strength-budget-cifar10", "color-strength", CIFAR_CPU_SCALE, {"epochs": 4}),
+        ("batch-size-budget-cifar10", "batch-size", CIFAR_CPU_SCALE, {"epochs": (2, 4, 8)}),
+        ("aug-pairs-seeds-cifar10", "aug-pairs-cifar10", {}, {"epochs": 4, "seed": 0}),
+    ],
+)
+def test_budget_follow_ups_reuse_the_original_trials(
+    follow_up: str, original: str, overrides: dict, shared: dict
+) -> None:
+    """The follow-ups' short-budget cells are the original CIFAR-10 trials: same config hash."""
+    original_hashes = {cell.hash for cell in load_plan(original, overrides).cells}
+    cells = load_plan(follow_up).cells
+
+    def is_shared(cell) -> bool:
+        return all(cell.axes[k] in (v if isinstance(v, tuple) else (v,)) for k, v in shared.items())
+
+    reused = [cell for cell in cells if is_shared(cell)]
+    assert reused and all(cell.hash in original_hashes for cell in reused)
+    assert not any(cell.hash in original_hashes for cell in cells if not is_shared(cell))
+
+
 def test_overrides_apply_and_conflicts_are_errors() -> None:
     plan = load_plan("temperature", {"epochs": "1", "train_subset": "512", "method": "simclr"})
     assert all(c.config.epochs == 1 and c.config.train_subset == 512 for c in plan.cells)
