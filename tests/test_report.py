@@ -279,6 +279,28 @@ def test_bars_leave_missing_out_and_mark_them(store: Store, tmp_path: Path) -> N
     assert numbers[(numbers["out_dim"] == 256) & (numbers["head"] == 0)]["mean"].isna().all()
 
 
+def test_points_of_one_seed_among_replicated_ones_get_no_error_bar(store: Store) -> None:
+    """A follow-up with fewer seeds at a larger budget: no zero-length bar that would claim no spread."""
+    mean = np.array([[50.0, 55.0]])
+    std = np.array([[1.0, np.nan]])
+    count = np.array([[3, 1]])
+    labels = ["crop+color (s=1/2)", "crop"]
+    series = Series("pair", None, labels, [None], mean, std, std, count, "linear_top1", "%")
+    figure = plot_bars(series, "t")
+    (bars,) = [c for c in figure.axes[0].containers if hasattr(c, "patches")]
+    segments = bars.errorbar.lines[2][0].get_segments()
+    drawn = [seg for seg in segments if len(seg) and np.isfinite(seg).all()]
+    assert len(drawn) == 1 and drawn[0][1][1] - drawn[0][0][1] == pytest.approx(2.0)  # ± 1 std, seed-3 point
+    notes = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert "error bars: ± std over seeds" in notes and "points of one seed: no error bar" in notes
+    ticks = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert ticks == ["crop+color\n(s=1/2)", "crop"]  # long labels wrap instead of running into each other
+    frame = load_study(store, "head")
+    fewer = frame[~((frame["axis.out_dim"] == 16) & (frame["axis.seed"] == 1))]
+    assert figure_title("head", fewer, "linear_top1").startswith("head: linear_top1 (%), mean over 1-2 seeds")
+    assert "mean over 2 seeds" in figure_title("head", frame, "linear_top1")
+
+
 # --- tables and exports ----------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +63,11 @@ class Series:
         return bool((self.count >= 2).any())
 
     def errors(self, kind: str) -> np.ndarray | None:
-        """Error bar half-lengths (H, X), or None when none are drawn (asked so, or a single seed)."""
-        if not self.replicated:
+        """Error bar half-lengths (H, X), NaN (no bar) at points of one seed; None when none are drawn
+        (asked so, or a single seed everywhere)."""
+        if not self.replicated or kind == "none":
             return None
-        return {"std": self.std, "ci": self.ci95, "none": None}[kind]
+        return np.where(self.count >= 2, {"std": self.std, "ci": self.ci95}[kind], np.nan)
 
     def to_frame(self) -> pd.DataFrame:
         """Exactly the plotted numbers, one row per (hue, x)."""
@@ -137,6 +139,8 @@ def _decorate(
         notes = ["one seed per point: no error bars"]
     else:
         notes = [ERROR_NOTES[error]] if error != "none" else []
+        if error != "none" and (series.count == 1).any():
+            notes.append("points of one seed: no error bar")
     if np.isnan(series.mean).any():
         notes.append(missing_note)
     if baseline is not None:  # the number every point is read against
@@ -156,7 +160,7 @@ def plot_curve(series: Series, title: str, error: str = "std", baseline: float |
         present = ~np.isnan(series.mean[h])
         if not present.any():  # no point to draw: no empty legend entry either
             continue
-        yerr = None if errors is None else np.nan_to_num(errors[h][present])
+        yerr = None if errors is None else errors[h][present]
         ax.errorbar(
             positions[present],
             series.mean[h][present],
@@ -182,7 +186,7 @@ def plot_bars(series: Series, title: str, error: str = "std", baseline: float | 
     for h, hue in enumerate(series.hues):
         positions = np.arange(len(series.xs)) - 0.4 + width * (h + 0.5)
         present = ~np.isnan(series.mean[h])
-        yerr = None if errors is None else np.nan_to_num(errors[h][present])
+        yerr = None if errors is None else errors[h][present]
         bars = ax.bar(
             positions[present],
             series.mean[h][present],
@@ -195,9 +199,14 @@ def plot_bars(series: Series, title: str, error: str = "std", baseline: float | 
         ax.bar_label(bars, [format_value(v, series.unit) for v in series.mean[h][present]], fontsize=7)
         for position in positions[~present]:
             ax.text(position, 0, "n/a", ha="center", va="bottom", fontsize=8, color="0.3")
-    ax.set_xticks(np.arange(len(series.xs)), [str(x) for x in series.xs])
+    ax.set_xticks(np.arange(len(series.xs)), [_wrapped(str(x)) for x in series.xs])
     _decorate(ax, series, title, error, "n/a: no finished trial (no bar drawn)", baseline)
     return figure
+
+
+def _wrapped(label: str, width: int = 12) -> str:
+    """A long group label over two or more lines, broken at spaces, so that neighbours do not overlap."""
+    return textwrap.fill(label, width, break_long_words=False) if len(label) > width else label
 
 
 @dataclass

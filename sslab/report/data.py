@@ -310,6 +310,15 @@ def fill_axes(frame: pd.DataFrame, given: Sequence[str | None]) -> list[str]:
 def figure_title(study: str, frame: pd.DataFrame, metric: str) -> str:
     """Two lines: study, metric and seeds; then dataset, method, backbone and epochs."""
     done = frame[frame["status"] == "done"]
-    seeds = done[f"{AXIS}{SEED}"].nunique() if f"{AXIS}{SEED}" in done.columns else 1
-    suffix = f", mean over {seeds} seeds" if seeds > 1 else ""
+    seed_column = f"{AXIS}{SEED}"
+    cells = [c for c in done.columns if c.startswith(AXIS) and c != seed_column]
+    if seed_column not in done.columns or done.empty:
+        fewest = most = 1
+    elif cells:  # seeds per cell, which may differ (a follow-up with fewer seeds at a larger budget)
+        per_cell = done.groupby(cells, dropna=False)[seed_column].nunique()
+        fewest, most = int(per_cell.min()), int(per_cell.max())
+    else:
+        fewest = most = int(done[seed_column].nunique())
+    seeds = str(most) if fewest == most else f"{fewest}-{most}"
+    suffix = f", mean over {seeds} seeds" if most > 1 else ""
     return f"{study}: {metric_label(metric)}{suffix}\n{study_title(frame)}"
