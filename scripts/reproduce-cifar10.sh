@@ -2,8 +2,9 @@
 # The SimCLR ablations on CIFAR-10 at 2-core CPU scale (docs/reproductions.md): runs each study (finished
 # trials are skipped, so a rerun only redraws), then writes its figures, tables and CSVs to results/.
 #   SSLAB_DATA=../shared/data bash scripts/reproduce-cifar10.sh [STUDY ...]
-# STUDY: aug-pairs temperature color-strength methods head batch-size, then the longer-budget follow-ups
-# color-strength-budget batch-size-budget aug-pairs-seeds (default: all, in that order).
+# STUDY: aug-pairs temperature color-strength methods head batch-size, then the follow-ups aug-pairs-color1
+# (the grid at colour strength 1) color-strength-budget batch-size-budget head-budget aug-pairs-seeds
+# (longer training, more seeds); default: all, in that order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,8 +21,8 @@ study() {  # NAME PRESET [extra study-run options]: run PRESET at CIFAR-10 CPU s
   "$sslab" results --study "$name" --format csv > "results/$name-trials.csv"
 }
 
-all="aug-pairs temperature color-strength methods head batch-size color-strength-budget batch-size-budget"
-all+=" aug-pairs-seeds"
+all="aug-pairs temperature color-strength methods head batch-size aug-pairs-color1 color-strength-budget"
+all+=" batch-size-budget head-budget aug-pairs-seeds"
 
 run_one() {
   case $1 in
@@ -50,6 +51,12 @@ run_one() {
       study batch-size-cifar10 batch-size "${cpu_scale[@]}"
       $sslab report bars batch-size-cifar10 --x batch_size --hue epochs \
         --out results/batch-size-cifar10.png ;;
+    aug-pairs-color1)
+      study aug-pairs-color1-cifar10 aug-pairs-color1-cifar10
+      $sslab report heatmap aug-pairs-color1-cifar10 --out results/aug-pairs-color1-cifar10.png ;;
+    head-budget)
+      study head-budget-cifar10 head-budget-cifar10
+      $sslab report bars head-budget-cifar10 --x head --hue epochs --out results/head-budget-cifar10.png ;;
     color-strength-budget)
       study color-strength-budget-cifar10 color-strength-budget-cifar10
       $sslab report bars color-strength-budget-cifar10 --x strength --hue epochs \

@@ -156,14 +156,20 @@ CIFAR_CPU_SCALE = {"dataset": "cifar10", "train_subset": "20000", "precision": "
     [
         ("color-strength-budget-cifar10", "color-strength", CIFAR_CPU_SCALE, {"epochs": 4}),
         ("batch-size-budget-cifar10", "batch-size", CIFAR_CPU_SCALE, {"epochs": (2, 4, 8)}),
-        ("aug-pairs-seeds-cifar10", "aug-pairs-cifar10", {}, {"epochs": 4, "seed": 0}),
+        (
+            "aug-pairs-seeds-cifar10",
+            "aug-pairs-cifar10 aug-pairs-color1-cifar10",
+            {},
+            {"epochs": 4, "seed": 0},
+        ),
+        ("head-budget-cifar10", "head", CIFAR_CPU_SCALE, {"epochs": 4}),
     ],
 )
 def test_budget_follow_ups_reuse_the_original_trials(
     follow_up: str, original: str, overrides: dict, shared: dict
 ) -> None:
     """The follow-ups' short-budget cells are the original CIFAR-10 trials: same config hash."""
-    original_hashes = {cell.hash for cell in load_plan(original, overrides).cells}
+    original_hashes = {cell.hash for name in original.split() for cell in load_plan(name, overrides).cells}
     cells = load_plan(follow_up).cells
 
     def is_shared(cell) -> bool:
