@@ -269,6 +269,43 @@ def _two_workers_one_killed(tmp_path: Path, url: str, separate_processes: bool) 
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (an orphan's zombie may wait long for its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux /proc")
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_study_run_stops_its_workers(stop: int, tmp_path, monkeypatch) -> None:
+    """`kill` (SIGTERM) or `kill -9` of `study run --workers 2`: no worker trains on as an orphan, and the
+    running trial is recorded as interrupted, so that the next run resumes it at once."""
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    path = write_study(tmp_path, "[axes]\ntemperature = [0.2, 0.5, 1.0]", epochs=20)
+    command = [SSLAB, "study", "run", path, "--db", url, "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid = None
+    try:
+        config_hash, pid = _wait_for_trained_epoch(url, time.monotonic() + 150, process)
+        process.send_signal(stop)
+        output, _ = process.communicate(timeout=90)
+        deadline = time.monotonic() + 60
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(pid), f"worker {pid} still training after its parent stopped"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if pid is not None and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert process.returncode == (130 if stop == signal.SIGTERM else -signal.SIGKILL), output
+    row = Store(url).find(config_hash)
+    assert row is not None and row.status == "interrupted"
+
+
 def test_two_local_workers_one_killed_mid_trial_sqlite(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     _two_workers_one_killed(tmp_path, f"sqlite:///{tmp_path / 'r.db'}", separate_processes=False)

@@ -4,10 +4,12 @@ read back where it stands."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -115,14 +117,51 @@ def _worker_main(plan: StudyPlan, url: str, options: WorkerOptions, events: Any)
         torch.set_num_threads(options.threads)
     error, trained = None, 0
     try:
+        _interrupt_when_parent_dies()
         trained = Worker(plan, Store(url), options, events.put).run()
     except KeyboardInterrupt:
         error = "interrupted"
     except SslabError as exc:
         error = str(exc)
+    parent = mp.parent_process()
+    if parent is not None and not parent.is_alive():
+        events.cancel_join_thread()  # nobody reads the queue any more: do not wait to flush it at exit
     events.put(WorkerStopped(options.index, error, trained))
     if error is not None:
         raise SystemExit(130 if error == "interrupted" else 2)
+
+
+def _interrupt_when_parent_dies() -> None:
+    """On Linux, have the kernel send this worker SIGINT when `study run` dies (even by SIGKILL): it then
+    records its trial as interrupted and exits, instead of training on with nobody to report to."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+    except (OSError, AttributeError):  # not Linux: a killed parent leaves its workers to finish their trial
+        return
+    parent = mp.parent_process()
+    if parent is not None and not parent.is_alive():  # died before prctl took effect
+        raise KeyboardInterrupt
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM to `study run`: stop like Ctrl-C, but the workers did not get the signal themselves."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Handle SIGTERM like Ctrl-C until the returned function is called (a no-op off the main thread)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def run_study(
@@ -142,6 +181,7 @@ def run_study(
     base = WorkerOptions(options.heartbeat_timeout, None, threads, options.checkpoint_dir)
     errors: list[str] = []
     trained = 0
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         if len(devices) == 1:
             options_1 = replace(base, device=devices[0])
@@ -150,6 +190,7 @@ def run_study(
             per_worker = [replace(base, device=d, index=i) for i, d in enumerate(devices)]
             errors, trained = _run_processes(plan, store.url, per_worker, display)
     finally:
+        restore_sigterm()
         display.close()
     result = summarise(plan, store, time.perf_counter() - started, trained)
     if errors and sum(result.counts.get(s, 0) for s in TERMINAL) < result.total:
@@ -200,8 +241,11 @@ def _run_processes(
                 handle(events.get_nowait())
             except queue.Empty:
                 break
-    except KeyboardInterrupt:
-        for process in processes:  # they got the Ctrl-C too and record their trials as interrupted
+    except KeyboardInterrupt as exc:
+        for process in processes:  # a Ctrl-C reaches them too; a SIGTERM is passed on
+            if isinstance(exc, _Terminated) and process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGINT)
+        for process in processes:  # they record their trials as interrupted
             process.join(30)
             if process.is_alive():
                 process.terminate()
