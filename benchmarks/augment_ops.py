@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from sslab.augment import OPS, parse_view
+from sslab.augment.ops import OPS
+from sslab.augment.view import parse_view
 
 SIMCLR_VIEW = "crop,flip,color,grayscale,blur"
 

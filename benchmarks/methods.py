@@ -16,7 +16,8 @@ import time
 import torch
 
 from sslab.config import from_mapping
-from sslab.methods import METHODS, build_method
+from sslab.methods import BUILTIN
+from sslab.methods.base import Gather, StepContext, build_method
 from sslab.models import build_backbone
 from sslab.optim import build_optimizer
 from sslab.runtime import tune_allocator
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(BUILTIN))
     args = parser.parse_args()
     tune_allocator()
 
@@ -46,22 +47,29 @@ def main() -> None:
         torch.manual_seed(0)
         backbone = build_backbone(args.backbone, args.channels, args.image_size)
         method = build_method(config, backbone, num_classes=10).to(memory_format=torch.channels_last)
-        method.num_images = 50_000  # CIFAR-10's training set sizes per-image state (InstDisc's memory bank)
-        method.batch_indices = torch.arange(args.batch_size)
+        context = StepContext(  # CIFAR-10's training set sizes per-image state (InstDisc's memory bank)
+            progress=0.5,
+            progress_after=0.5,
+            epochs_done=0.5,
+            batch_indices=torch.arange(args.batch_size),
+            num_images=50_000,
+            gather=Gather(),
+        )
         optimizer = build_optimizer(config, method, method.fixed_lr_parameters())
         views = plan_views(config, args.image_size)
         generator = torch.Generator().manual_seed(0)
 
-        def step(method=method, optimizer=optimizer, views=views, generator=generator) -> None:  # type: ignore[no-untyped-def]
+        def step(
+            method=method, optimizer=optimizer, views=views, generator=generator, context=context
+        ) -> None:  # type: ignore[no-untyped-def]
             x = images.float().div_(255.0)
             batch = [v.contiguous(memory_format=torch.channels_last) for v in views(x, generator)]
-            method.begin_step(0.5)
-            loss = method(batch, labels).loss
+            loss = method(batch, labels, context).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            method.before_optimizer_step(0.5)
+            method.before_optimizer_step(context)
             optimizer.step()
-            method.after_step(0.5)
+            method.after_step(context)
 
         method.train()
         step()  # warm-up

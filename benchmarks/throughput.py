@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from sslab.augment import parse_view
-from sslab.config import TrialConfig
-from sslab.methods import build_method
+from sslab.augment.view import parse_view
+from sslab.config import from_mapping
+from sslab.methods.base import Gather, StepContext, build_method
 from sslab.models import build_backbone
 from sslab.optim import build_optimizer
 from sslab.runtime import tune_allocator
@@ -47,12 +47,14 @@ def main() -> None:
         tune_allocator()
 
     device = resolve_device(args.device)
-    config = TrialConfig(
-        method=args.method,
-        backbone=args.backbone,
-        batch_size=args.batch_size,
-        aug=args.aug,
-        precision=args.precision,
+    config = from_mapping(
+        {
+            "method": args.method,
+            "backbone": args.backbone,
+            "batch_size": args.batch_size,
+            "aug": args.aug,
+            "precision": args.precision,
+        }
     )
     torch.manual_seed(0)
     backbone = build_backbone(args.backbone, args.channels, args.image_size)
@@ -68,6 +70,7 @@ def main() -> None:
     )
     images = images.to(device)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
+    context = StepContext(0.5, 0.5, 0.5, torch.arange(args.batch_size, device=device), 50_000, Gather())
 
     def sync() -> None:
         if device.type == "cuda":
@@ -80,11 +83,11 @@ def main() -> None:
     def train_step() -> None:
         batch = augment()
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = method(batch, labels).loss
+            loss = method(batch, labels, context).loss
         optimizer.zero_grad(set_to_none=True)
         loss.float().backward()
         optimizer.step()
-        method.after_step(0.5)
+        method.after_step(context)
 
     def timed(fn, rounds: int) -> float:  # type: ignore[no-untyped-def]
         sync()

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
-import typing
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from sslab.cli_report import compare, report_app
-from sslab.config import FIELD_NAMES, TrialConfig, field_help, from_mapping, load_toml, parse_assignments
+from sslab.cli_common import DbOption, console, err_console, handle_errors
+from sslab.cli_report import report_app
+from sslab.cli_study import compare, study_app
+from sslab.config import FIELD_NAMES, TrialConfig, field_help, field_type, from_sources
 from sslab.errors import SslabError
+from sslab.methods.catalog import method_info, methods
+from sslab.settings import Setting
 
 app = typer.Typer(
     help="sslab: self-supervised learning ablation studies on images.",
@@ -32,78 +31,44 @@ augment_app = typer.Typer(help="Augmentation ops that views are built from.", no
 app.add_typer(data_app, name="data")
 app.add_typer(augment_app, name="augment")
 app.add_typer(report_app, name="report")
-app.command("compare")(compare)
-
-console = Console()
-err_console = Console(stderr=True)
-
-DbOption = Annotated[
-    str | None,
-    typer.Option("--db", help="results store URL (default $SSLAB_DB or sqlite:///results/sslab.db)"),
-]
-
-
-def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user-facing errors into one line on stderr and a non-zero exit, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = command(*args, **kwargs)
-            for warning in caught:
-                if issubclass(warning.category, UserWarning) and warning.category.__module__.startswith(
-                    "sslab"
-                ):
-                    err_console.print(f"[yellow]warning:[/] {warning.message}")
-            return result
-        except SslabError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[red]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
 
 # --- sslab run -------------------------------------------------------------------------------------------
 
 _OPTION_NAMES = {"aug1": "--aug1", "aug2": "--aug2"}
 
 
+def _option(name: str, kind: type, help_text: str, panel: str) -> inspect.Parameter:
+    flag = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+    if kind is bool:
+        option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, rich_help_panel=panel)
+    else:
+        option = typer.Option(None, flag, help=help_text, rich_help_panel=panel)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
+
+
 def _run_parameters() -> list[inspect.Parameter]:
-    """One CLI option per config field, all defaulting to None = 'not given on the command line'."""
+    """One CLI option per shared config field, then one per method setting name (applied to the chosen
+    method), all defaulting to None = 'not given on the command line'."""
     help_texts = field_help()
-    hints = typing.get_type_hints(TrialConfig)
     parameters = []
     for name in FIELD_NAMES:
-        annotation = hints[name]
-        base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
-        flag = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+        kind = field_type(name)[0]
         default = TrialConfig.__dataclass_fields__[name].default
-        help_text = f"{help_texts.get(name, '')} [default: {default}]"
-        if base is bool:
-            option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
-        else:
-            option = typer.Option(None, flag, help=help_text, show_default=False)
-        parameters.append(
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=base | None)
-        )
+        help_text = f"{help_texts.get(name, '')} \\[default: {default}]"
+        parameters.append(_option(name, kind, help_text, "Trial"))
+    by_name: dict[str, list[tuple[str, Setting]]] = {}
+    for method, info in methods().items():
+        for name, setting in info.settings.items():
+            by_name.setdefault(name, []).append((method, setting))
+    for name, owners in by_name.items():
+        kinds = {setting.type for _, setting in owners}
+        if name in FIELD_NAMES or len(kinds) != 1:
+            continue  # a name with two meanings across methods: --set METHOD.NAME=VALUE only
+        method, setting = owners[0]
+        defaults = ", ".join(f"{m} {s.default}" for m, s in owners)
+        help_text = f"{setting.help}; a setting of {', '.join(m for m, _ in owners)} \\[default: {defaults}]"
+        parameters.append(_option(name, kinds.pop(), help_text, "Method settings (see `sslab methods NAME`)"))
     return parameters
-
-
-def build_config(config_file: Path | None, sets: list[str], options: dict[str, Any]) -> TrialConfig:
-    """Defaults < --config file < --set key=value < explicit options."""
-    values: dict[str, Any] = {}
-    source = "command line"
-    if config_file is not None:
-        values.update(load_toml(config_file))
-        source = str(config_file)
-    values.update(parse_assignments(sets))
-    values.update({k: v for k, v in options.items() if v is not None})
-    return from_mapping(values, source=source)
 
 
 def run(
@@ -120,7 +85,7 @@ def run(
     from sslab.runner import run_trial
     from sslab.store import Store
 
-    config = build_config(config_file, sets or [], options)
+    config = from_sources(config_file, sets, options)
     store = Store(db)
     if not quiet:
         err_console.print(
@@ -161,7 +126,12 @@ def _install_run_command() -> None:
         inspect.Parameter(
             "sets",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, "--set", help="override any field: --set key=value (repeatable)"),
+            default=typer.Option(
+                None,
+                "--set",
+                help="override any field or method setting: --set key=value, --set dino.teacher_temp=0.07 "
+                "(repeatable)",
+            ),
             annotation=list[str] | None,
         ),
         inspect.Parameter(
@@ -303,26 +273,52 @@ def augment_list() -> None:
     console.print(describe_ops(), highlight=False)
 
 
-from sslab.cli_study import study_app  # noqa: E402  (its commands use handle_errors above)
-
 app.add_typer(study_app, name="study")
+app.command("compare")(compare)
 
 
 @app.command("methods")
 @handle_errors
-def methods() -> None:
-    """Methods with their papers and the defaults each sets on top of the trial config."""
-    from sslab.methods import METHODS
-
-    table = Table(show_header=True)
-    for column in ("method", "paper", "defaults (fields not listed keep `sslab run --help` values)"):
+def methods_command(
+    name: Annotated[str | None, typer.Argument(help="a method: list its settings")] = None,
+) -> None:
+    """Methods with their papers; `sslab methods NAME` lists that method's settings and defaults."""
+    if name is None:
+        table = Table(show_header=True)
+        for column in ("method", "paper", "settings (sslab methods NAME for defaults)"):
+            table.add_column(column)
+        for method, info in methods().items():
+            settings = ", ".join(info.settings) or "-"
+            if info.multicrop:
+                settings += " (multi-crop)"
+            table.add_row(method, info.paper, settings)
+        console.print(table)
+        return
+    info = method_info(name)
+    console.print(
+        f"[bold]{info.name}[/]: {info.paper}"
+        + (f" (behaviour version {info.version})" if info.version > 1 else ""),
+        highlight=False,
+    )
+    table = Table(show_header=True, title="settings: --set NAME.SETTING=VALUE, or a [NAME] table in TOML")
+    for column in ("setting", "type", "default", "valid", "what it does", "default from"):
         table.add_column(column)
-    for name, cls in METHODS.items():
-        defaults = ", ".join(f"{key}={value}" for key, value in cls.defaults.items()) or "-"
-        if cls.multicrop:
-            defaults += " (multi-crop)"
-        table.add_row(name, cls.paper, defaults)
+    for key, setting in info.settings.items():
+        note = setting.help + (f" (read when {setting.needs} is true)" if setting.needs else "")
+        table.add_row(
+            f"{name}.{key}",
+            setting.type.__name__,
+            str(setting.default),
+            setting.describe_range(),
+            note,
+            setting.source,
+        )
     console.print(table)
+    if info.shared_defaults:
+        shared = ", ".join(f"{key}={value}" for key, value in info.shared_defaults.items())
+        console.print(f"shared fields it sets differently from `sslab run --help`: {shared}", highlight=False)
+    if info.ignores:
+        console.print(f"shared fields it does not read: {', '.join(info.ignores)}", highlight=False)
 
 
 def main() -> None:

@@ -1,15 +1,16 @@
-"""`sslab report ...` and `sslab compare`: each command parses, calls one library function and prints."""
+"""`sslab report ...`: each command parses, calls one library function and prints."""
 
 from __future__ import annotations
 
-import functools
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+from sslab.cli_common import DbOption, console, handle_errors
 
 if TYPE_CHECKING:
     from sslab.store import Store
@@ -17,13 +18,7 @@ if TYPE_CHECKING:
 report_app = typer.Typer(
     help="Figures, tables and HTML reports of a study, read from the results store.", no_args_is_help=True
 )
-console = Console()
-err_console = Console(stderr=True)
 
-DbOption = Annotated[
-    str | None,
-    typer.Option("--db", help="results store URL (default $SSLAB_DB or sqlite:///results/sslab.db)"),
-]
 StudyArgument = Annotated[str, typer.Argument(help="study name (see `sslab results --study NAME`)")]
 MetricOption = Annotated[str, typer.Option("--metric", "-m", help="final metric to show")]
 WhereOption = Annotated[
@@ -31,18 +26,6 @@ WhereOption = Annotated[
     typer.Option("--where", help="keep trials with axis=value, for studies with more axes (repeatable)"),
 ]
 ErrorOption = Annotated[str, typer.Option("--error", help="error bars over seeds: std | ci (95%) | none")]
-
-
-def handled(command: Callable[..., Any]) -> Callable[..., Any]:
-    """sslab.cli's one-line error handling, looked up at call time (sslab.cli imports this module)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sslab.cli import handle_errors
-
-        return handle_errors(command)(*args, **kwargs)
-
-    return wrapper
 
 
 def _store(db: str | None) -> Store:
@@ -58,7 +41,7 @@ def _where(items: list[str] | None) -> dict[str, str]:
 
 
 @report_app.command("heatmap")
-@handled
+@handle_errors
 def heatmap(
     study: StudyArgument,
     metric: MetricOption = "linear_top1",
@@ -101,16 +84,16 @@ def _series_command(kind: str) -> Callable[..., None]:
     return command
 
 
-curve = handled(_series_command("curve"))
+curve = handle_errors(_series_command("curve"))
 curve.__doc__ = "A line per --hue value over --x, error bars from seeds (SimCLR Fig. 8 style)."
 report_app.command("curve")(curve)
-bars = handled(_series_command("bars"))
+bars = handle_errors(_series_command("bars"))
 bars.__doc__ = "Grouped bars: --x groups, a bar per --hue value, error bars from seeds (SimCLR Fig. 9 style)."
 report_app.command("bars")(bars)
 
 
 @report_app.command("table")
-@handled
+@handle_errors
 def table(
     study: StudyArgument,
     rows: Annotated[str, typer.Option("--rows", help="axis on the rows")],
@@ -140,7 +123,7 @@ def table(
 
 
 @report_app.command("html")
-@handled
+@handle_errors
 def html(
     study: StudyArgument,
     metric: MetricOption = "linear_top1",
@@ -153,47 +136,6 @@ def html(
     from sslab.report.html import write_report
 
     console.print(f"wrote {write_report(_store(db), study, metric, out)}")
-
-
-@handled
-def compare(
-    methods: Annotated[list[str], typer.Argument(help="two or more method names, e.g. simclr byol")],
-    seeds: Annotated[int, typer.Option("--seeds", help="seeds 0..N-1 per method")] = 3,
-    sets: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="matched budget for every method: --set key=value (repeatable)"),
-    ] = None,
-    no_run: Annotated[bool, typer.Option("--no-run", help="only report trials already in the store")] = False,
-    study: Annotated[
-        str | None, typer.Option("--study", help="study name (default compare-METHOD1-METHOD2...)")
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="learning-curve figure (default results/STUDY-curves.png)"),
-    ] = None,
-    db: DbOption = None,
-) -> None:
-    """Compare methods on one budget: run missing trials, then mean ± std, paired differences, curves."""
-    from sslab.config import parse_assignments
-    from sslab.report.compare import pairs_table, render_curves, run_compare, summary_table
-    from sslab.report.figures import check_output
-    from sslab.store import Store
-
-    if out is not None:
-        check_output(out)  # before any training, not after
-
-    def announce(method: str, seed: int, config: Any) -> None:
-        err_console.print(f"training {method} seed {seed} (trial {config.hash()}) ...")
-
-    store = Store(db)
-    overrides = parse_assignments(sets or [])
-    comparison = run_compare(store, methods, seeds, overrides, not no_run, study, announce)
-    for failure in comparison.failures:
-        err_console.print(f"[red]failed:[/] {failure}", highlight=False)
-    console.print(summary_table(comparison))
-    console.print(pairs_table(comparison))
-    figure = render_curves(store, comparison, out)
-    console.print(f"study {comparison.study}; learning curves: {figure or 'no per-epoch metrics recorded'}")
 
 
 def _write(path: Path, text: str) -> None:

@@ -1,31 +1,24 @@
-"""`sslab study list|show|run|status`: each command parses, calls the study library and prints."""
+"""`sslab study list|show|run|status` and `sslab compare`: each command parses, calls the study library and
+prints."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from sslab.cli_common import DbOption, console, err_console, handle_errors
 from sslab.errors import ConfigError, SslabError
 
 study_app = typer.Typer(
     help="Studies: sets of trials that differ along named axes (studies/*.toml and the presets).",
     no_args_is_help=True,
 )
-console = Console()
-err_console = Console(stderr=True)
 
 NameArg = Annotated[
     str, typer.Argument(help="a study name (see `sslab study list`) or a path to a .toml file")
-]
-DbOption = Annotated[
-    str | None,
-    typer.Option("--db", help="results store URL (default $SSLAB_DB or sqlite:///results/sslab.db)"),
 ]
 MethodOption = Annotated[str | None, typer.Option("--method", help="override the base config's method")]
 SetOption = Annotated[
@@ -35,18 +28,6 @@ SetOption = Annotated[
 SeedsOption = Annotated[
     str | None, typer.Option("--seeds", help="replicate seeds instead of the file's, e.g. --seeds 0,1,2")
 ]
-
-
-def _handled(command: Callable[..., Any]) -> Callable[..., Any]:
-    """sslab.cli's one-line error handling, looked up at call time (sslab.cli imports this module)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sslab.cli import handle_errors
-
-        return handle_errors(command)(*args, **kwargs)
-
-    return wrapper
 
 
 def _overrides(method: str | None, sets: list[str] | None) -> dict[str, str]:
@@ -74,12 +55,12 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 
 @study_app.command("list")
-@_handled
+@handle_errors
 def study_list(db: DbOption = None) -> None:
     """Presets and files in studies/: trials, and done/running/failed from the results store."""
     from sslab.store import Store, StoreError
     from sslab.study import load_plan, study_files
-    from sslab.study.scheduler import counts_by_study
+    from sslab.study.status import counts_by_study
 
     try:
         recorded = counts_by_study(Store(db, create=False))
@@ -102,7 +83,7 @@ def study_list(db: DbOption = None) -> None:
 
 
 @study_app.command("show")
-@_handled
+@handle_errors
 def study_show(
     name: NameArg,
     method: MethodOption = None,
@@ -114,7 +95,7 @@ def study_show(
     from sslab.store import Store, StoreError
     from sslab.study import load_plan
     from sslab.study.progress import format_duration
-    from sslab.study.scheduler import estimate
+    from sslab.study.status import estimate
 
     plan = load_plan(name, _overrides(method, sets), seeds=_seeds(seeds))
     spec = plan.spec
@@ -168,7 +149,7 @@ def study_show(
 
 
 @study_app.command("run")
-@_handled
+@handle_errors
 def study_run(
     name: NameArg,
     method: MethodOption = None,
@@ -217,13 +198,13 @@ def study_run(
 
 
 @study_app.command("status")
-@_handled
+@handle_errors
 def study_status(name: NameArg, db: DbOption = None) -> None:
     """Progress of a recorded study: one row per trial, failed trials with their reasons, live workers."""
     import pandas as pd
 
     from sslab.store import Store
-    from sslab.study.scheduler import study_status as read_status
+    from sslab.study.status import study_status as read_status
 
     if name.endswith(".toml") or "/" in name:
         from sslab.study import load_spec
@@ -255,3 +236,67 @@ def study_status(name: NameArg, db: DbOption = None) -> None:
             console.print(f"{row['status']}: {label}: {row.get('reason') or '-'}", highlight=False)
     for worker, config_hash, age in status.workers:
         console.print(f"worker {worker}: trial {config_hash or '-'}, last heartbeat {age:.0f} s ago")
+
+
+@handle_errors
+def compare(
+    methods: Annotated[list[str], typer.Argument(help="two or more method names, e.g. simclr byol")],
+    seeds: Annotated[int, typer.Option("--seeds", help="seeds 0..N-1 per method")] = 3,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="matched budget for every method: --set key=value (repeatable)"),
+    ] = None,
+    no_run: Annotated[bool, typer.Option("--no-run", help="only report trials already in the store")] = False,
+    study: Annotated[
+        str | None, typer.Option("--study", help="study name (default compare-METHOD1-METHOD2...)")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="local worker processes (default: one per GPU, or 1)")
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="re-point a recorded comparison at a changed --set")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="learning-curve figure (default results/STUDY-curves.png)"),
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Compare methods on one budget: a method x seed study, then mean ± std, paired differences, curves."""
+    from sslab.config import parse_assignments
+    from sslab.report.compare import load_comparison, pairs_table, render_curves, summary_table
+    from sslab.report.figures import check_output
+    from sslab.store import Store
+    from sslab.study.compare import compare_plan
+
+    if out is not None:
+        check_output(out)  # before any training, not after
+    plan = compare_plan(methods, seeds, parse_assignments(sets or []), study)
+    store = Store(db)
+    if no_run:
+        from sslab.study.scheduler import prepare
+
+        statuses = store.statuses(cell.hash for cell in plan.cells)
+        if store.study(plan.name) is None and "done" not in statuses.values():
+            raise SslabError(
+                f"none of the {len(plan.cells)} trials of {plan.name} has finished; run it without --no-run"
+            )
+        prepare(plan, store, replace, "--study")
+    else:
+        from sslab.study.progress import format_duration
+        from sslab.study.scheduler import RunOptions, run_study
+
+        options = RunOptions(workers=workers, replace=replace, name_option="--study")
+        result = run_study(plan, store.url, options, err_console)
+        console.print(
+            f"study {result.name}: {result.total} trials: {_counts_text(result.counts)}; "
+            f"trained {result.trained} here in {format_duration(result.seconds)}",
+            highlight=False,
+        )
+        for label, reason in result.failures:
+            err_console.print(f"[red]failed:[/] {label}: {reason}", highlight=False)
+    comparison = load_comparison(store, plan.name)
+    console.print(summary_table(comparison))
+    console.print(pairs_table(comparison))
+    figure = render_curves(store, comparison, out)
+    console.print(f"study {comparison.study}; learning curves: {figure or 'no per-epoch metrics recorded'}")

@@ -1,12 +1,23 @@
 """The trial config: one typed, immutable object that flows CLI -> study -> trainer -> store.
 
-Every field is a possible ablation axis. Defaults are chosen so that a bare `sslab run` trains a small model
-on the embedded dataset in well under a minute on a laptop CPU; each default's reason sits beside it.
+It holds what every trial has (data, backbone, augmentation, head, optimiser, schedule, evaluation, seed) and
+the chosen method's own settings, which each method declares in its file (`sslab.settings`).
+`from_mapping` is the one front door: CLI options, `--set`, TOML files, study cells and compare cells all
+become configs through it. Defaults are chosen so that a bare `sslab run` trains a small model on the embedded
+dataset in well under a minute on a laptop CPU; each default's reason sits beside it. Nothing here imports
+torch.
+
+A trial's identity (`identity()`, `hash()`) is canonical: fields at their defaults and fields the method
+does not read are left out, and view specs are written in one spelling. So a release that adds a field (at a
+default that keeps today's behaviour) recognises every trial an older one recorded. `IDENTITY_VERSION`
+changes only when the meaning of an existing field changes; a fix that changes what one method computes bumps
+that method's `version` instead, so its older trials stay listed, marked as computed by the older behaviour.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import inspect
 import json
@@ -14,19 +25,22 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from sslab.augment.spec import canonical_view, format_value, parse_steps
 from sslab.errors import ConfigError
+from sslab.methods.catalog import method_info, methods
+from sslab.settings import MethodInfo, SettingValues, coerce
 
-CONFIG_VERSION = 1  # bump when a field's meaning changes, so old hashes no longer match
+IDENTITY_VERSION = 2  # 1: every field hashed as spelled (schema-0 stores); 2: the canonical identity
 
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """Everything that determines one pretraining + evaluation trial."""
+    """Everything that determines one pretraining + evaluation trial. Build it with `from_mapping`."""
 
     # --- what is trained --------------------------------------------------------------------------------
     method: str = "simclr"  # self-supervised method (see `sslab methods`)
@@ -47,44 +61,10 @@ class TrialConfig:
     out_dim: int = 128  # output dimension of the head (SimCLR's default)
     head_bn: bool = True  # batch-norm after each hidden head layer, as in SimCLR's code
 
-    # --- contrastive loss -----------------------------------------------------------------------------
-    temperature: float = 0.5  # softmax temperature (SimCLR's default for batches of a few hundred)
-    normalize: bool = True  # l2-normalise embeddings before the similarity (SimCLR Table 5 ablates it)
-
-    # --- momentum encoders, predictors, queues (MoCo, MoCo v3, BYOL, SimSiam, DINO, SimCLR v2) ----------
-    ema: float = 0.99  # base momentum tau of the momentum (target/teacher) encoder
-    ema_cosine: bool = True  # raise the momentum to 1 on a cosine schedule (BYOL, MoCo v3, DINO)
-    momentum_encoder: bool = False  # SimCLR v2: negatives and second view from a momentum encoder
-    queue_size: int = 0  # queue of negative keys (MoCo) or of past features (SwAV); 0 = none
-    predictor: bool = True  # predictor MLP on the online branch (BYOL, SimSiam, MoCo v3)
-    pred_width: int = 512  # hidden width of the predictor
-    pred_bn: bool = True  # batch-norm in the predictor's hidden layer (BYOL's batch-norm ablation)
-    stop_gradient: bool = True  # stop-gradient on the target branch (SimSiam's key ablation)
-    pred_lr_fixed: bool = True  # keep the predictor's learning rate constant (SimSiam Table 1)
-
-    # --- SwAV ---------------------------------------------------------------------------------------
-    prototypes: int = 3000  # number of prototypes K
-    sinkhorn_eps: float = 0.05  # entropy regularisation of the Sinkhorn-Knopp codes
-    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations
-    freeze_prototypes: float = 1.0  # epochs during which the prototypes are not updated
-
     # --- multi-crop: global views plus small local crops (SwAV, DINO; any method that supports it) -----
     local_crops: int = 0  # number of extra low-resolution crops per image
     local_size: int = 0  # side of the local crops in pixels; 0 = 3/7 of the image side (96/224 in DINO)
     local_scale: str = "0.05-0.4"  # area range of the local crops (DINO's default)
-
-    # --- DINO ---------------------------------------------------------------------------------------
-    teacher_temp: float = 0.04  # teacher softmax temperature after warm-up
-    teacher_temp_start: float = 0.04  # teacher temperature at the start of the warm-up
-    teacher_temp_epochs: float = 0.0  # linear warm-up of the teacher temperature, in epochs
-    centering: bool = True  # subtract the running centre from the teacher's output
-    center_momentum: float = 0.9  # momentum of the running centre
-
-    # --- Barlow Twins, InstDisc ---------------------------------------------------------------------
-    lambd: float = 0.0051  # Barlow Twins weight of the off-diagonal (redundancy) term
-    bank_momentum: float = 0.5  # InstDisc proximal update of the memory bank
-    negatives: int = 4096  # InstDisc noise samples per positive
-    bank_init: str = "random"  # InstDisc memory bank at the start: random (the paper) | first-visit
 
     # --- optimisation ---------------------------------------------------------------------------------
     optimizer: str = "sgd"  # sgd | lars | adam | adamw
@@ -106,21 +86,13 @@ class TrialConfig:
     # --- distributed -------------------------------------------------------------------------------
     sync_bn: bool = False  # synchronise batch-norm statistics across processes under torchrun
 
+    # --- the method's own settings (declared in its file; see `sslab methods NAME`) ----------------------
+    settings: SettingValues = SettingValues()  # every setting of the method, filled in by from_mapping
+    method_version: int = 1  # the version of the method's behaviour that the trial was (or is to be) run with
+
     # --- runtime: where and how to run, not what; excluded from the trial hash -------------------------
     data_dir: str | None = None  # where to look for the dataset first
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that define the trial's result (runtime fields left out)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
-
-    def hash(self) -> str:
-        """Stable hash of the identity: the same trial gets the same hash on any machine."""
-        payload = json.dumps({"v": CONFIG_VERSION, **self.identity()}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @property
     def view_specs(self) -> tuple[str, str]:
@@ -129,65 +101,105 @@ class TrialConfig:
             self.aug2 if self.aug2 is not None else self.aug,
         )
 
+    @property
+    def info(self) -> MethodInfo:
+        return method_info(self.method)
+
+    def values(self) -> dict[str, Any]:
+        """The config as `from_mapping` takes it back: shared fields, then `method.setting` keys."""
+        shared = {name: getattr(self, name) for name in SHARED_FIELDS + RUNTIME_FIELDS}
+        own = {f"{self.method}.{name}": value for name, value in self.settings.items()}
+        return {**shared, **own, "method_version": self.method_version}
+
+    def record(self) -> dict[str, Any]:
+        """Everything that defines the trial, as stored with it (runtime fields left out)."""
+        return {
+            "v": IDENTITY_VERSION,
+            **{name: getattr(self, name) for name in SHARED_FIELDS},
+            "method_version": self.method_version,
+            "settings": dict(self.settings),
+        }
+
+    def identity(self) -> dict[str, Any]:
+        """The canonical form of what the trial computes: what the hash is taken over.
+
+        Shared fields at the method's defaults, fields the method does not read, and settings at their
+        defaults or switched off (`needs`) are left out; both views are written canonically.
+        """
+        info = self.info
+        defaults = shared_defaults(info)
+        skipped = set(info.ignores) | {"method", "aug", "aug1", "aug2"}
+        if self.local_crops == 0:
+            skipped |= {"local_size", "local_scale"}
+        identity: dict[str, Any] = {"v": IDENTITY_VERSION, "method": self.method}
+        if self.method_version != 1:
+            identity["method_version"] = self.method_version
+        for name in SHARED_FIELDS:
+            if name not in skipped and getattr(self, name) != defaults[name]:
+                identity[name] = getattr(self, name)
+        first, second = (canonical_view(spec) for spec in self.view_specs)
+        if first != second:
+            identity.update(aug1=first, aug2=second)
+        elif first != canonical_view(defaults["aug"]):
+            identity["aug"] = first
+        own = info.read(self.settings)
+        changed = {k: v for k, v in own.items() if v != info.settings[k].default}
+        if changed:
+            identity["settings"] = changed
+        return identity
+
+    def hash(self) -> str:
+        """Stable hash of the identity: the same trial gets the same hash on any machine and release."""
+        payload = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
     def replace(self, **changes: Any) -> TrialConfig:
-        return from_mapping({**self.to_dict(), **changes})
+        """A validated copy with `changes` (shared fields, runtime fields or settings of this method)."""
+        values = self.values()
+        for key, value in changes.items():
+            own = key in self.settings
+            values[f"{self.method}.{key}" if own else key] = value
+        return from_mapping(values)
+
+    def with_runtime(self, **changes: Any) -> TrialConfig:
+        """A copy with other runtime fields (where it runs, not what): the identity is unchanged."""
+        unknown = set(changes) - set(RUNTIME_FIELDS)
+        if unknown:
+            raise ConfigError(f"not runtime fields: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
 
 
-RUNTIME_FIELDS = frozenset({"data_dir", "device"})
-FIELD_NAMES = tuple(f.name for f in fields(TrialConfig))
+RUNTIME_FIELDS = ("data_dir", "device")
+_INTERNAL_FIELDS = ("settings", "method_version")
+FIELD_NAMES = tuple(f.name for f in fields(TrialConfig) if f.name not in _INTERNAL_FIELDS)
+SHARED_FIELDS = tuple(name for name in FIELD_NAMES if name not in RUNTIME_FIELDS)
+BACKBONES = ("smallcnn", "resnet18", "resnet50")  # sslab.models.backbones builds each
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "lars", "adam", "adamw"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "probe_layers": ("h", "all"),
-    "bank_init": ("random", "first-visit"),
+    "backbone": BACKBONES,
 }
-_POSITIVE = (
-    "epochs",
-    "batch_size",
-    "out_dim",
-    "knn_k",
-    "temperature",
-    "knn_t",
-    "lr",
-    "pred_width",
-    "prototypes",
-    "sinkhorn_eps",
-    "sinkhorn_iters",
-    "teacher_temp",
-    "teacher_temp_start",
-    "negatives",
-)
-_NON_NEGATIVE = (
-    "head",
-    "weight_decay",
-    "momentum",
-    "warmup_epochs",
-    "seed",
-    "queue_size",
-    "freeze_prototypes",
-    "local_crops",
-    "local_size",
-    "teacher_temp_epochs",
-    "lambd",
-)
-_UNIT_INTERVAL = ("ema", "center_momentum", "bank_momentum")
+_POSITIVE = ("epochs", "batch_size", "out_dim", "knn_k", "knn_t", "lr")
+_NON_NEGATIVE = ("head", "weight_decay", "momentum", "warmup_epochs", "seed", "local_crops", "local_size")
 
 
 def field_help() -> dict[str, str]:
-    """Each field's help text: the comment beside its default in the class body above."""
+    """Each shared field's help text: the comment beside its default in the class body above."""
     source = inspect.getsource(TrialConfig)
     pattern = re.compile(r"^[ \t]+(\w+): [^=\n]+=[^#\n]*#[ \t]*(.+)$", re.MULTILINE)
     return {name: text.strip() for name, text in pattern.findall(source) if name in FIELD_NAMES}
 
 
 def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(TrialConfig)
+    hints = typing.get_type_hints(TrialConfig, globalns={"SettingValues": SettingValues})
     return {f.name: hints[f.name] for f in fields(TrialConfig)}
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """(underlying scalar type, whether None is allowed) of a field annotation such as `int | None`."""
+def field_type(name: str) -> tuple[type, bool]:
+    """(underlying scalar type, whether None is allowed) of a shared or runtime field."""
+    annotation = _field_types()[name]
     args = typing.get_args(annotation)
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         non_none = [a for a in args if a is not type(None)]
@@ -196,53 +208,153 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
 
 
 def coerce_value(name: str, value: Any) -> Any:
-    """Convert a value (possibly a CLI string) to the type of field `name`, or raise ConfigError."""
-    types_ = _field_types()
-    if name not in types_:
+    """Convert a value (possibly a CLI string) to the type of shared field `name`, or raise ConfigError."""
+    if name not in FIELD_NAMES:
         raise ConfigError(f"unknown config field '{name}'; valid fields: {', '.join(FIELD_NAMES)}")
-    kind, nullable = _base_type(types_[name])
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and nullable):
-        if nullable:
-            return None
-        raise ConfigError(f"{name} cannot be empty")
+    kind, nullable = field_type(name)
+    value = coerce(kind, nullable, name, value)
+    if name == "local_scale" and isinstance(value, str):
+        value = _canonical_range(value)
+    return value
+
+
+def _canonical_range(text: str) -> str:
+    low, sep, high = text.partition("-")
     try:
-        if kind is bool:
-            if isinstance(value, str):
-                lowered = value.strip().lower()
-                if lowered in ("1", "true", "yes", "on"):
-                    return True
-                if lowered in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            if isinstance(value, bool | int):
-                return bool(value)
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}") from None
-    raise ConfigError(f"{name}: unsupported field type")  # pragma: no cover
+        return f"{format_value(float(low))}-{format_value(float(high))}" if sep else text
+    except ValueError:
+        return text
+
+
+def shared_defaults(info: MethodInfo) -> dict[str, Any]:
+    """The shared fields' defaults for trials of this method: TrialConfig's, then the method's own."""
+    base = {f.name: f.default for f in fields(TrialConfig) if f.name in FIELD_NAMES}
+    return {**base, **info.shared_defaults}
+
+
+def setting_owners(name: str) -> list[str]:
+    """The methods that have a setting called `name`."""
+    return [method for method, info in methods().items() if name in info.settings]
+
+
+def is_known_key(key: str) -> bool:
+    """Whether `key` names a shared field, a setting of some method (bare or as `method.setting`)."""
+    if key in FIELD_NAMES:
+        return True
+    method, dot, setting = key.partition(".")
+    if dot:
+        return method in methods() and setting in methods()[method].settings
+    return bool(setting_owners(key))
+
+
+def flatten_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`[dino]`-style tables (a method name mapping to its settings) become `dino.setting` keys."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.strip().replace("-", "_")
+        if isinstance(value, Mapping) and key in methods():
+            flat.update({f"{key}.{k.strip().replace('-', '_')}": v for k, v in value.items()})
+        elif isinstance(value, Mapping) and key == "settings":  # a stored record
+            flat.update({f"settings.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _unknown_key(key: str) -> str:
+    candidates = [*FIELD_NAMES, *{s for info in methods().values() for s in info.settings}]
+    close = difflib.get_close_matches(key, candidates, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown field '{key}'{hint}; see `sslab run --help` and `sslab methods NAME`"
+
+
+def from_mapping(
+    values: Mapping[str, Any], source: str = "config", *, other_methods: str = "error"
+) -> TrialConfig:
+    """Build and validate a TrialConfig from a mapping; every problem is reported at once, on one line.
+
+    Keys are shared fields, settings of the trial's method as `method.setting` (or a `[method]` table, or the
+    bare setting name), and, in stored records, `settings` and `method_version`. Missing shared fields take
+    the method's defaults, then TrialConfig's; missing settings their declared defaults. A setting of another
+    method is an error unless `other_methods="ignore"` (a study or comparison whose cells differ in method).
+    """
+    flat = flatten_keys(values)
+    problems: list[str] = []
+    try:
+        method = coerce_value("method", flat.get("method", TrialConfig.method))
+        info = method_info(method)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    shared: dict[str, Any] = {}
+    own: dict[str, Any] = {}
+    method_version = info.version
+    for key, value in flat.items():
+        name = key
+        if key in FIELD_NAMES:
+            try:
+                shared[key] = coerce_value(key, value)
+            except ConfigError as exc:
+                problems.append(str(exc))
+            continue
+        if key == "method_version":
+            try:
+                method_version = coerce(int, False, key, value)
+            except ConfigError as exc:
+                problems.append(str(exc))
+            continue
+        if key == "v":  # a stored record's identity version
+            continue
+        owner, dot, name = key.partition(".")
+        if not dot:
+            owner, name = method, key
+            if name not in info.settings:
+                owners = setting_owners(name)
+                if not owners:
+                    problems.append(_unknown_key(key))
+                elif other_methods != "ignore":
+                    problems.append(
+                        f"{name} is a setting of {', '.join(owners)}, not of {method} "
+                        f"(its settings: {', '.join(info.settings) or 'none'})"
+                    )
+                continue
+        elif owner == "settings":
+            owner = method
+        if owner != method:
+            if owner not in methods() or name not in methods()[owner].settings:
+                problems.append(_unknown_key(key))
+            elif other_methods != "ignore":
+                problems.append(f"{key} is a setting of {owner}, but the trial's method is {method}")
+            continue
+        if name not in info.settings:
+            settings_list = ", ".join(info.settings) or "none"
+            problems.append(f"{method} has no setting '{name}'; its settings: {settings_list}")
+            continue
+        try:
+            own[name] = info.settings[name].coerce(f"{method}.{name}", value)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    config = TrialConfig(
+        **{**shared_defaults(info), **shared},
+        settings=SettingValues({**info.defaults(), **own}),
+        method_version=method_version,
+    )
+    problems = list(_problems(config, info))
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return config
 
 
 def validate(config: TrialConfig) -> TrialConfig:
-    """Check ranges and choices that types alone cannot express; return the config unchanged."""
-    problems = list(_problems(config))
+    """Check a config built elsewhere (e.g. unpickled); return it unchanged or raise ConfigError."""
+    problems = list(_problems(config, config.info))
     if problems:
         raise ConfigError("; ".join(problems))
     return config
 
 
-def _problems(config: TrialConfig) -> typing.Iterator[str]:
+def _problems(config: TrialConfig, info: MethodInfo) -> Iterator[str]:
     for name, choices in _CHOICES.items():
         value = getattr(config, name)
         if value not in choices:
@@ -257,9 +369,6 @@ def _problems(config: TrialConfig) -> typing.Iterator[str]:
         value = getattr(config, name)
         if value is not None and value <= 0:
             yield f"{name} must be > 0 (got {value})"
-    for name in _UNIT_INTERVAL:
-        if not 0.0 <= getattr(config, name) <= 1.0:
-            yield f"{name} must be in [0, 1] (got {getattr(config, name)})"
     low, sep, high = config.local_scale.partition("-")
     try:
         if not sep or not 0 < float(low) <= float(high) <= 1:
@@ -270,41 +379,17 @@ def _problems(config: TrialConfig) -> typing.Iterator[str]:
         yield f"val_fraction must be in [0, 0.5) (got {config.val_fraction})"
     if config.batch_size < 2:
         yield "batch_size must be at least 2 (contrastive losses need negatives)"
-
-
-def method_defaults(method: str) -> dict[str, Any]:
-    """The method's own defaults (its paper's settings scaled to small images); {} for an unknown method."""
-    from sslab.methods import METHODS  # methods import this module: resolve at call time
-
-    cls = METHODS.get(method)
-    return dict(cls.defaults) if cls is not None else {}
-
-
-def from_mapping(values: Mapping[str, Any], source: str = "config") -> TrialConfig:
-    """Build and validate a TrialConfig from a mapping; every problem is reported at once.
-
-    Fields missing from `values` take the chosen method's defaults, then the class defaults.
-    """
-    unknown = sorted(set(values) - set(FIELD_NAMES))
-    problems: list[str] = []
-    if unknown:
-        problems.append(f"unknown field(s) {', '.join(unknown)}")
-    coerced: dict[str, Any] = {}
-    for name, value in values.items():
-        if name in unknown:
-            continue
+    if config.local_crops and not info.multicrop:
+        yield f"method {config.method} does not use local crops; set local_crops=0"
+    if not 1 <= config.method_version <= info.version:
+        yield f"method_version must be in 1..{info.version} for {config.method} (got {config.method_version})"
+    for spec in config.view_specs:
         try:
-            coerced[name] = coerce_value(name, value)
+            parse_steps(spec)
         except ConfigError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-    defaults = method_defaults(coerced.get("method", TrialConfig.method))
-    config = TrialConfig(**{**defaults, **coerced})
-    try:
-        return validate(config)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+            yield str(exc)
+    for name, setting in info.settings.items():
+        yield from setting.problems(f"{config.method}.{name}", config.settings[name])
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -320,17 +405,33 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, str]:
-    """Parse `key=value` strings (from `--set`) into a dict, checking the keys."""
+    """Parse `key=value` strings (from `--set`) into a dict, checking that each key exists somewhere."""
     result: dict[str, str] = {}
     for item in assignments:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        if key not in FIELD_NAMES:
-            raise ConfigError(f"--set: unknown field '{key}'; valid fields: {', '.join(FIELD_NAMES)}")
+        if not is_known_key(key):
+            raise ConfigError(f"--set: {_unknown_key(key)}")
         result[key] = value.strip()
     return result
 
 
-DEFAULT = TrialConfig()
+def from_sources(
+    config_file: str | Path | None = None,
+    sets: list[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> TrialConfig:
+    """Defaults < a TOML file < `--set key=value` < explicit options (None = not given)."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    if config_file is not None:
+        values.update(flatten_keys(load_toml(config_file)))
+        source = str(config_file)
+    values.update(parse_assignments(sets or []))
+    values.update({k: v for k, v in (options or {}).items() if v is not None})
+    return from_mapping(values, source=source)
+
+
+DEFAULT = from_mapping({})

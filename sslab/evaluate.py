@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslab.methods import Method
+from sslab.methods.base import Method
 
 PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # searched on the validation split when there is one
 DEFAULT_PROBE_WEIGHT_DECAY = 1e-4

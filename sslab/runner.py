@@ -16,13 +16,24 @@ from torch import Tensor
 
 import sslab
 from sslab import distributed
-from sslab.augment import parse_view
-from sslab.config import TrialConfig, validate
+from sslab.config import TrialConfig
 from sslab.data import ImageDataset, load_dataset
-from sslab.errors import ConfigError, SslabError
+from sslab.errors import SslabError
 from sslab.evaluate import extract_features, knn_top1, linear_probe
-from sslab.methods import METHODS, Method, build_method
-from sslab.models import BACKBONES, build_backbone
+from sslab.methods.base import Method, build_method
+from sslab.metrics import (
+    BASELINE_PREFIX,
+    COLLAPSE_RATIO,
+    FINAL_LOSS,
+    IMAGES_PER_S,
+    KNN_TOP1,
+    LINEAR_TOP1,
+    LINEAR_VAL_TOP1,
+    PROBE_WEIGHT_DECAY,
+    TRAIN_SECONDS,
+    layer_name,
+)
+from sslab.models import build_backbone
 from sslab.store import Provenance, Store
 from sslab.train import EpochRecord, Reporter, TrainResult, channel_stats, pretrain, resolve_device
 
@@ -100,7 +111,6 @@ def evaluate(
     test = extract_features(method, dataset.test_images, mean, std, device, all_layers)
     metrics: dict[str, float] = {}
     for layer in train:
-        suffix = "" if layer == "h" else f"_{layer}"
         probe = linear_probe(
             train[layer],
             dataset.train_labels,
@@ -109,11 +119,11 @@ def evaluate(
             dataset.num_classes,
             config.val_fraction,
         )
-        metrics[f"linear_top1{suffix}"] = probe.top1
+        metrics[layer_name(LINEAR_TOP1, layer)] = probe.top1
         if probe.val_top1 is not None:
-            metrics[f"linear_val_top1{suffix}"] = probe.val_top1
-            metrics[f"probe_weight_decay{suffix}"] = probe.weight_decay
-        metrics[f"knn_top1{suffix}"] = knn_top1(
+            metrics[layer_name(LINEAR_VAL_TOP1, layer)] = probe.val_top1
+            metrics[layer_name(PROBE_WEIGHT_DECAY, layer)] = probe.weight_decay
+        metrics[layer_name(KNN_TOP1, layer)] = knn_top1(
             train[layer],
             dataset.train_labels,
             test[layer],
@@ -124,22 +134,9 @@ def evaluate(
         )
     deepest = max((int(layer[1:]) for layer in train if layer != "h"), default=0)
     if deepest:  # z = g(h), the head's output, whatever its depth (SimCLR Fig. 8 probes h against z)
-        for name in ("linear_top1", "knn_top1"):
-            metrics[f"{name}_z"] = metrics[f"{name}_g{deepest}"]
+        for metric in (LINEAR_TOP1, KNN_TOP1):
+            metrics[layer_name(metric, "z")] = metrics[layer_name(metric, f"g{deepest}")]
     return metrics
-
-
-def preflight(config: TrialConfig) -> None:
-    """Catch every config error that would otherwise surface mid-run, before anything is written."""
-    validate(config)
-    for spec in config.view_specs:
-        parse_view(spec)
-    if config.method not in METHODS:
-        raise ConfigError(f"unknown method '{config.method}'; valid methods: {', '.join(METHODS)}")
-    if config.local_crops and not METHODS[config.method].multicrop:
-        raise ConfigError(f"method {config.method} does not use local crops; set local_crops=0")
-    if config.backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone '{config.backbone}'; valid backbones: {', '.join(BACKBONES)}")
 
 
 def run_trial(
@@ -166,7 +163,6 @@ def run_trial(
     Under torchrun every process trains its share of each batch; the main process alone evaluates and
     records the trial, the others wait for its record and return it.
     """
-    preflight(config)
     existing = store.find(config.hash())
     if existing is not None and existing.status == "done" and not force:
         return TrialOutcome(
@@ -219,12 +215,10 @@ def run_trial(
             on_epoch=record_epoch,
         )
         metrics = evaluate(method, config, dataset, device)
-        metrics.update(
-            train_seconds=result.train_seconds,
-            images_per_s=result.images_per_s,
-            final_loss=result.history[-1].loss,
-            collapse_ratio=result.history[-1].collapse_ratio,
-        )
+        metrics[TRAIN_SECONDS.name] = result.train_seconds
+        metrics[IMAGES_PER_S.name] = result.images_per_s
+        metrics[FINAL_LOSS.name] = result.history[-1].loss
+        metrics[COLLAPSE_RATIO.name] = result.history[-1].collapse_ratio
         store.log_metrics(trial_id, metrics)
     except KeyboardInterrupt:
         store.finish_trial(
@@ -302,4 +296,4 @@ def baseline_key(config: TrialConfig, device: torch.device) -> tuple[Any, ...]:
 
 
 def baseline_prefixed(baseline: dict[str, float]) -> dict[str, float]:
-    return {f"baseline_{name}": value for name, value in baseline.items()}
+    return {f"{BASELINE_PREFIX}{name}": value for name, value in baseline.items()}

@@ -3,6 +3,9 @@
 SQLite at results/sslab.db by default (WAL mode, so several processes can write at once); any SQLAlchemy
 URL (e.g. postgresql+psycopg://...) via --db or SSLAB_DB. Tables are prefixed `sslab_` so that Optuna's own
 tables (`trials`, `studies`, ...) can live in the same database.
+
+The store has a schema version (`sslab_meta`) and migrates itself when opened by a newer release (`migrate`):
+every trial keeps its full config, so its identity under the current rules can always be recomputed.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,12 +43,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sslab.config import TrialConfig
 from sslab.errors import SslabError
+from sslab.store_migrations import SCHEMA_VERSION, Migration, migrate
 
 DEFAULT_DB = "sqlite:///results/sslab.db"
 
 
 class StoreError(SslabError):
     """The results store cannot be opened or written."""
+
+
+class StoreWarning(UserWarning):
+    """Something about the store the user should know (e.g. what a migration changed)."""
 
 
 class Base(DeclarativeBase):
@@ -73,10 +82,23 @@ class TrialRow(Base):
     sslab_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     git_commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
     hostname: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    # Set when a migration found this trial to be the same trial as another under the canonical identity:
+    # the other holds the identity (`config_hash`), this one keeps its old hash and stays listed.
+    duplicate_of: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     @property
     def config(self) -> dict[str, Any]:
+        """The stored config record: shared fields, `method_version` and the method's `settings`."""
         return json.loads(self.config_json)
+
+
+class MetaRow(Base):
+    """Facts about the store itself, such as its schema version."""
+
+    __tablename__ = "sslab_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 class MetricRow(Base):
@@ -194,6 +216,20 @@ class Store:
             _enable_sqlite_wal(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._create_tables()
+        self.migration: Migration | None = self._migrate()
+
+    def _migrate(self) -> Migration | None:
+        """Bring an older store to SCHEMA_VERSION (once, whichever process gets there first)."""
+        try:
+            with self.engine.begin() as connection:
+                result = migrate(connection, SCHEMA_VERSION)
+        except SQLAlchemyError as exc:
+            first_line = str(exc).splitlines()[0]
+            raise StoreError(f"cannot migrate the store {self.url}: {first_line}") from None
+        if result is not None and result.notes:
+            for note in result.notes:
+                warnings.warn(note, StoreWarning, stacklevel=3)
+        return result
 
     def _create_tables(self, attempts: int = 5) -> None:
         """Create missing tables; processes opening a new store at once may race, so retry on 'exists'."""
@@ -238,7 +274,7 @@ class Store:
             else:
                 session.execute(delete(MetricRow).where(MetricRow.trial_id == row.id))
             row.method, row.dataset, row.backbone = config.method, config.dataset, config.backbone
-            row.config_json = json.dumps(config.identity(), sort_keys=True)
+            row.config_json = json.dumps(config.record(), sort_keys=True)
             row.status, row.reason, row.collapsed = "running", None, None
             row.started_at, row.heartbeat_at, row.finished_at, row.wall_time_s = now, now, None, None
             row.device, row.torch_version = provenance.device, provenance.torch_version
@@ -482,8 +518,22 @@ class Store:
                     "wall_time_s": trial.wall_time_s,
                     "device": trial.device,
                     "finished_at": trial.finished_at.isoformat() if trial.finished_at else None,
-                    **trial.config,
+                    "duplicate_of": trial.duplicate_of,
+                    **flat_record(trial.config),
                     **by_trial.get(trial.id, {}),
                 }
             )
         return pd.DataFrame(rows)
+
+
+def flat_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config record as one level of columns: shared fields, then the method's settings by name, and
+    `older_behaviour` when the trial ran an older version of its method than this release has."""
+    from sslab.methods.catalog import methods
+
+    flat = {k: v for k, v in record.items() if k not in ("settings", "v")}
+    flat.update(record.get("settings", {}))
+    info = methods().get(str(record.get("method")))
+    version = int(record.get("method_version", 1))
+    flat["older_behaviour"] = info is not None and version < info.version
+    return flat

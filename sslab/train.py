@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sslab import distributed
-from sslab.augment import View, parse_view
 from sslab.augment.spec import Step
+from sslab.augment.view import View, parse_view
 from sslab.config import TrialConfig
 from sslab.errors import SslabError
-from sslab.methods import Method
+from sslab.methods.base import Gather, Method, StepContext
+from sslab.metrics import COLLAPSE_RATIO, EPOCH_SECONDS, IMAGES_PER_S, LOSS, LR, OUTPUT_STD
 from sslab.optim import build_optimizer, lr_at, scaled_lr
 from sslab.runtime import tune_allocator
 
-COLLAPSE_RATIO = 0.1  # output std below 0.1/sqrt(d) means the outputs have (nearly) collapsed to a point
+COLLAPSED_BELOW = 0.1  # a collapse ratio below this (output std < 0.1/sqrt(d)): the outputs have collapsed
 
 
 class TrialFailed(SslabError):
@@ -42,12 +43,12 @@ class EpochRecord:
 
     def metrics(self) -> dict[str, float]:
         return {
-            "loss": self.loss,
-            "output_std": self.output_std,
-            "collapse_ratio": self.collapse_ratio,
-            "lr": self.lr,
-            "images_per_s": self.images_per_s,
-            "epoch_seconds": self.seconds,
+            LOSS.name: self.loss,
+            OUTPUT_STD.name: self.output_std,
+            COLLAPSE_RATIO.name: self.collapse_ratio,
+            LR.name: self.lr,
+            IMAGES_PER_S.name: self.images_per_s,
+            EPOCH_SECONDS.name: self.seconds,
         }
 
 
@@ -59,7 +60,7 @@ class TrainResult:
 
     @property
     def collapsed(self) -> bool:
-        return bool(self.history) and self.history[-1].collapse_ratio < COLLAPSE_RATIO
+        return bool(self.history) and self.history[-1].collapse_ratio < COLLAPSED_BELOW
 
     @property
     def images_per_s(self) -> float:
@@ -196,14 +197,13 @@ def pretrain(
     images, labels = images.to(device), labels.to(device)
     channels_last = device.type != "mps"
     method.to(device)
-    method.num_images = images.shape[0]  # sizes per-image state such as InstDisc's memory bank
     if channels_last:
         method.to(memory_format=torch.channels_last)
     if distributed.world_size() > 1:
         if config.sync_bn:
             distributed.convert_sync_batchnorm(method, device)
         distributed.broadcast_module(method)  # every process starts from the main process's weights
-        method.gather = distributed.ProcessGather()
+    gather = distributed.ProcessGather() if distributed.world_size() > 1 else Gather()
     optimizer = build_optimizer(config, method, method.fixed_lr_parameters())
     amp_dtype = autocast_dtype(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -253,10 +253,16 @@ def pretrain(
             batch_views = [(view - mean) / std for view in views(x, augment_rng)]
             if channels_last:
                 batch_views = [v.contiguous(memory_format=torch.channels_last) for v in batch_views]
-            method.batch_indices = batch_index  # rows of `images` in this batch (InstDisc's memory bank)
-            method.begin_step(step / total_steps)
+            context = StepContext(
+                progress=step / total_steps,
+                progress_after=(step + 1) / total_steps,
+                epochs_done=step / per_epoch,
+                batch_indices=batch_index,
+                num_images=images.shape[0],
+                gather=gather,
+            )
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = method(batch_views, labels[batch_index])
+                out = method(batch_views, labels[batch_index], context)
             loss = out.loss.float()
             mean_loss = distributed.all_reduce_mean(loss.detach())  # the global batch's; all processes stop
             if not torch.isfinite(mean_loss):
@@ -266,10 +272,10 @@ def pretrain(
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             distributed.average_gradients(method)
-            method.before_optimizer_step(step / total_steps)
+            method.before_optimizer_step(context)
             scaler.step(optimizer)
             scaler.update()
-            method.after_step((step + 1) / total_steps)
+            method.after_step(context)
             with torch.no_grad():
                 embedding = F.normalize(out.embedding.detach().float(), dim=1)
                 width = embedding.shape[1]

@@ -48,7 +48,7 @@ def test_config_file_and_set_precedence(db: str, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     row = Store(db).trials()[0]
-    assert row.config["temperature"] == 0.2 and row.config["epochs"] == 1
+    assert row.config["settings"]["temperature"] == 0.2 and row.config["epochs"] == 1
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,9 @@ def test_data_and_augment_listings() -> None:
 
 
 def test_methods_lists_every_method_with_its_paper() -> None:
-    from sslab.methods import METHODS
+    from sslab.methods import methods
+
+    METHODS = methods()
 
     result = runner.invoke(app, ["methods"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
@@ -110,3 +112,19 @@ def test_methods_lists_every_method_with_its_paper() -> None:
     ):
         assert name in METHODS and name in result.output
     assert "Grill et al. 2020" in result.output
+
+
+def test_every_recorded_metric_is_in_the_vocabulary(db: str) -> None:
+    from sslab import metrics
+
+    result = runner.invoke(app, ["run", *TINY, "--probe-layers", "all", "--val-fraction", "0.1", "--db", db])
+    assert result.exit_code == 0, result.output
+    store = Store(db)
+    (trial,) = store.trials()
+    names = {row.name for row in store.metrics(trial.id)}
+    assert {"linear_top1", "knn_top1_z", "baseline_linear_top1", "loss", "linear_val_top1_g2"} <= names
+    assert all(metrics.is_metric(name) for name in names), sorted(
+        n for n in names if not metrics.is_metric(n)
+    )
+    per_epoch = {row.name for row in store.metrics(trial.id) if row.epoch is not None}
+    assert per_epoch <= set(metrics.epoch_metrics())

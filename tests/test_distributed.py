@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from steps import step_context
 from torch import nn
 
 from sslab import distributed
 from sslab.config import from_mapping
 from sslab.errors import ConfigError
 from sslab.losses import nt_xent
-from sslab.methods import Method, build_method
+from sslab.methods.base import Gather, Method, build_method
 from sslab.models import build_backbone
 from sslab.store import Store
 from sslab.train import pretrain
@@ -54,9 +55,11 @@ def _images() -> tuple[torch.Tensor, torch.Tensor]:
 PRETRAIN = {"aug": "identity", "batch_size": GLOBAL_BATCH, "epochs": 1, "lr": 0.3, "warmup_epochs": 0}
 
 
-def _one_step(method: Method, v1: torch.Tensor, v2: torch.Tensor, labels: torch.Tensor) -> dict:
+def _one_step(
+    method: Method, v1: torch.Tensor, v2: torch.Tensor, labels: torch.Tensor, gather: Gather
+) -> dict:
     method.train()
-    out = method([v1, v2], labels)
+    out = method([v1, v2], labels, step_context(gather=gather, rows=len(labels)))
     out.loss.backward()
     distributed.average_gradients(method)
     return {
@@ -81,10 +84,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     method = _simclr()
     distributed.convert_sync_batchnorm(method, device)
     distributed.broadcast_module(method)
-    method.gather = distributed.ProcessGather()
     v1, v2, labels = _views()
     part = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
-    results["step"] = _one_step(method, v1[part], v2[part], labels[part])
+    results["step"] = _one_step(method, v1[part], v2[part], labels[part], distributed.ProcessGather())
     # The whole trainer: deterministic views (identity augmentation), four SGD steps.
     trained = _simclr(**PRETRAIN)
     images, image_labels = _images()
@@ -127,7 +129,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 def test_two_gloo_processes_match_one_process_loss_and_gradients(ranks: list[dict]) -> None:
     assert [r["backend"] for r in ranks] == ["gloo", "gloo"] and [r["rank"] for r in ranks] == [0, 1]
     v1, v2, labels = _views()
-    single = _one_step(_simclr(), v1, v2, labels)
+    single = _one_step(_simclr(), v1, v2, labels, Gather())
     for result in ranks:
         step = result["step"]
         torch.testing.assert_close(step["loss"], single["loss"], atol=1e-5, rtol=1e-5)
@@ -196,9 +198,9 @@ def test_nt_xent_identity_gather_is_the_plain_loss_and_bad_offsets_fail() -> Non
 
 
 def test_single_process_helpers_are_no_ops() -> None:
-    method = _simclr()
+    gather = Gather()
     x = torch.randn(4, 3)
-    assert method.gather(x) is x and method.gather.offset(4) == 0
+    assert gather(x) is x and gather.offset(4) == 0
     assert distributed.world_size() == 1 and distributed.is_main()
     assert distributed.local_batch_size(7) == 7 and distributed.all_reduce_mean(x) is x
     assert distributed.init(torch.device("cpu")) == torch.device("cpu") and not distributed.is_initialized()

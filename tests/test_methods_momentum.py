@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from steps import step_context
 from torch import nn
 
 from sslab.config import from_mapping
 from sslab.losses import info_nce
-from sslab.methods import Method, build_method
-from sslab.methods.base import Gather
+from sslab.methods.base import Gather, Method, build_method
 from sslab.methods.momentum import KeyQueue, cosine_momentum, ema_update, frozen_copy, shuffled_bn_forward
 from sslab.models import build_backbone
 from sslab.optim import build_optimizer
@@ -123,7 +123,7 @@ def test_target_encoders_get_no_gradient_and_follow_the_online_one(name: str, fi
     assert not optimised & {id(p) for p in frozen}
     before = [p.clone() for p in frozen]
     method.train()
-    out = method(two_views(), torch.zeros(N, dtype=torch.long))
+    out = method(two_views(), torch.zeros(N, dtype=torch.long), step_context())
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     optimizer.zero_grad()
     out.loss.backward()
@@ -131,7 +131,7 @@ def test_target_encoders_get_no_gradient_and_follow_the_online_one(name: str, fi
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.backbone.parameters())
     optimizer.step()
     assert all(torch.equal(b, p) for b, p in zip(before, frozen, strict=True))  # the optimiser left them
-    method.after_step(0.1)
+    method.after_step(step_context(0, 10))
     online = [p for module in (method.backbone, method.head) for p in module.parameters()]
     moved = [not torch.equal(b, p) for b, p in zip(before, frozen, strict=True)]
     assert any(moved)
@@ -144,9 +144,9 @@ def test_moco_queue_fills_with_the_keys_and_is_checkpointed() -> None:
     method.train()
     state = method.state_dict()
     assert {"contrast.queue.keys", "contrast.queue.ptr"} <= set(state)
-    method(two_views(), torch.zeros(N, dtype=torch.long))
+    method(two_views(), torch.zeros(N, dtype=torch.long), step_context())
     assert int(method.contrast.queue.ptr) == 2 * N  # both views' keys enqueued
-    method(two_views(1), torch.zeros(N, dtype=torch.long))
+    method(two_views(1), torch.zeros(N, dtype=torch.long), step_context())
     assert int(method.contrast.queue.ptr) == (4 * N) % 40
 
 
@@ -159,7 +159,7 @@ def test_simclr_momentum_encoder_is_opt_in() -> None:
     v2.train()
     views = two_views()
     queue = v2.contrast.queue.keys.clone()
-    out = v2(views, torch.zeros(N, dtype=torch.long))
+    out = v2(views, torch.zeros(N, dtype=torch.long), step_context())
     with torch.no_grad():  # the momentum encoder is still the online one's copy: keys equal queries
         z1, z2 = v2.head(v2.backbone(torch.cat(views))).chunk(2)
     expected = (info_nce(z1, z2, queue, 0.2) + info_nce(z2, z1, queue, 0.2)) / 2
@@ -172,7 +172,7 @@ def test_mocov3_loss_is_the_symmetrised_ctr_scaled_by_2t() -> None:
     method = make("mocov3", predictor=False, temperature=0.5)
     method.train()
     views = two_views()
-    out = method(views, torch.zeros(N, dtype=torch.long))
+    out = method(views, torch.zeros(N, dtype=torch.long), step_context())
     with torch.no_grad():  # the momentum encoder is still the online one's copy: same outputs
         z1, z2 = method.head(method.backbone(torch.cat(views))).chunk(2)
     expected = 2 * 0.5 * (info_nce(z1, z2, None, 0.5) + info_nce(z2, z1, None, 0.5))
@@ -190,19 +190,17 @@ class TwoProcessGather(Gather):
 
 def test_keys_of_the_global_batch_are_the_negatives_and_fill_the_queue() -> None:
     method = make("mocov3", predictor=False, temperature=0.5)
-    method.gather = TwoProcessGather()
+    g = TwoProcessGather()
     method.train()
     views = two_views()
-    out = method(views, torch.zeros(N, dtype=torch.long))
+    out = method(views, torch.zeros(N, dtype=torch.long), step_context(gather=g))
     with torch.no_grad():
         z1, z2 = method.head(method.backbone(torch.cat(views))).chunk(2)
-    g = method.gather
     expected = 2 * 0.5 * (info_nce(z1, g(z2), None, 0.5, N) + info_nce(z2, g(z1), None, 0.5, N))
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-4)
     moco = make("moco", queue_size=200)
-    moco.gather = TwoProcessGather()
     moco.train()
-    moco(views, torch.zeros(N, dtype=torch.long))
+    moco(views, torch.zeros(N, dtype=torch.long), step_context(gather=TwoProcessGather()))
     assert int(moco.contrast.queue.ptr) == 4 * N  # both views' keys of both processes
 
 
@@ -211,14 +209,14 @@ def test_losses_are_symmetric_in_the_two_views(name: str) -> None:
     method = make(name)
     method.train()
     views = two_views()
-    forward = method(views, torch.zeros(N, dtype=torch.long)).loss
-    swapped = method(views[::-1], torch.zeros(N, dtype=torch.long)).loss
+    forward = method(views, torch.zeros(N, dtype=torch.long), step_context()).loss
+    swapped = method(views[::-1], torch.zeros(N, dtype=torch.long), step_context()).loss
     assert forward.item() == pytest.approx(swapped.item(), rel=1e-4)
 
 
 def test_simsiam_fixed_lr_parameters_are_the_predictor() -> None:
     method = make("simsiam")
-    assert method.config.pred_lr_fixed
+    assert method.settings.pred_lr_fixed
     fixed = method.fixed_lr_parameters()
     assert {id(p) for p in fixed} == {id(p) for p in method.predictor.parameters()}
     optimizer = build_optimizer(method.config, method, fixed)
@@ -234,7 +232,7 @@ def test_simsiam_stop_gradient_changes_the_gradient_not_the_loss() -> None:
     for stop in (True, False):
         method = make("simsiam", stop_gradient=stop)
         method.train()
-        loss = method(views, labels).loss
+        loss = method(views, labels, step_context()).loss
         loss.backward()
         losses[stop] = loss.item()
         grads[stop] = torch.cat([p.grad.flatten() for p in method.backbone.parameters()])
@@ -244,7 +242,8 @@ def test_simsiam_stop_gradient_changes_the_gradient_not_the_loss() -> None:
 
 def test_defaults_follow_the_papers() -> None:
     moco = from_mapping({"method": "moco"})
-    assert (moco.temperature, moco.queue_size, moco.ema, moco.ema_cosine, moco.head_bn) == (
+    m = moco.settings
+    assert (m.temperature, m.queue_size, m.ema, m.ema_cosine, moco.head_bn) == (
         0.2,
         4096,
         0.99,
@@ -252,11 +251,12 @@ def test_defaults_follow_the_papers() -> None:
         False,
     )
     v3 = from_mapping({"method": "mocov3"})
-    assert v3.ema_cosine and v3.predictor and v3.queue_size == 0
+    assert v3.settings.ema_cosine and v3.settings.predictor and "queue_size" not in v3.settings
     simsiam = from_mapping({"method": "simsiam"})
-    assert simsiam.pred_width == simsiam.out_dim // 4 and simsiam.pred_lr_fixed and simsiam.stop_gradient
+    s = simsiam.settings
+    assert s.pred_width == simsiam.out_dim // 4 and s.pred_lr_fixed and s.stop_gradient
     byol = from_mapping({"method": "byol"})
-    assert byol.out_dim == 256 and byol.ema_cosine and byol.predictor
+    assert byol.out_dim == 256 and byol.settings.ema_cosine and byol.settings.predictor
 
 
 # ------------------------------------------------------------------------------ short real pretrainings

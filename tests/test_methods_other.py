@@ -8,15 +8,17 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from steps import step_context
 
 from sslab.config import TrialConfig, from_mapping
-from sslab.errors import ConfigError, SslabError
+from sslab.errors import ConfigError
 from sslab.losses import dino_center, instdisc_nce, instdisc_partition, sinkhorn
-from sslab.methods import METHODS, Method, build_method
+from sslab.methods import method_info
 from sslab.methods import swav as swav_module
+from sslab.methods.base import Method, build_method
 from sslab.models import build_backbone
 from sslab.optim import build_optimizer
-from sslab.runner import preflight, run_trial
+from sslab.runner import run_trial
 from sslab.store import Store
 
 N, SIDE = 16, 16  # tiny batches of 16 x 16 single-channel images for the unit tests
@@ -41,28 +43,29 @@ def train(method: Method, steps: int, total: int, start: int = 0) -> list[float]
     method.train()
     losses = []
     for step in range(start, start + steps):
-        method.batch_indices = torch.arange(step * N, (step + 1) * N) % 64
-        method.begin_step(step / total)
-        out = method(views_for(method, step), torch.arange(N) % 10)
+        indices = torch.arange(step * N, (step + 1) * N) % 64
+        context = step_context(step, total, method.config.epochs, indices)
+        out = method(views_for(method, step), torch.arange(N) % 10, context)
         optimizer.zero_grad()
         out.loss.backward()
-        method.before_optimizer_step(step / total)
+        method.before_optimizer_step(context)
         optimizer.step()
-        method.after_step((step + 1) / total)
+        method.after_step(context)
         losses.append(out.loss.item())
     return losses
 
 
 def test_registered_with_valid_paper_defaults() -> None:
     for name in ("swav", "dino", "barlow", "instdisc", "supervised"):
-        cls = METHODS[name]
-        assert cls.paper
+        info = method_info(name)
+        assert info.paper
         config = from_mapping({"method": name})  # the defaults pass validation
-        for key, value in cls.defaults.items():  # applied, and only where the method differs
+        for key, value in info.shared_defaults.items():  # applied, and only where the method differs
             assert getattr(config, key) == value and getattr(TrialConfig, key) != value, key
-    assert METHODS["swav"].multicrop and METHODS["dino"].multicrop
+        assert dict(config.settings) == info.defaults()
+    assert method_info("swav").multicrop and method_info("dino").multicrop
     with pytest.raises(ConfigError, match="local crops"):
-        preflight(from_mapping({"method": "barlow", "local_crops": 2}))
+        from_mapping({"method": "barlow", "local_crops": 2})
 
 
 # -------------------------------------------------------------------------------------------------- SwAV
@@ -94,9 +97,10 @@ def test_swav_queue_holds_recent_features_and_joins_the_codes_once_full(monkeypa
     swav = make("swav", prototypes=32, queue_size=40, local_crops=0)
     train(swav, steps=2, total=10)
     assert int(swav.queue_filled) == 32 and swav.queue[:, 32:].abs().sum() == 0
-    swav.begin_step(0.2)
-    first = swav(views_for(swav, 2), torch.zeros(N, dtype=torch.long)).embedding.detach()
-    second = swav(views_for(swav, 3), torch.zeros(N, dtype=torch.long)).embedding.detach()
+    first = swav(views_for(swav, 2), torch.zeros(N, dtype=torch.long), step_context(2, 10)).embedding.detach()
+    second = swav(
+        views_for(swav, 3), torch.zeros(N, dtype=torch.long), step_context(3, 10)
+    ).embedding.detach()
     assert int(swav.queue_filled) == 40
     assert torch.allclose(swav.queue[0, :N], second) and torch.allclose(swav.queue[0, N : 2 * N], first)
     assert rows == [N] * 6 + [40 + N] * 2  # two global crops per step; the queue joins once full
@@ -107,14 +111,13 @@ def test_swav_queue_holds_recent_features_and_joins_the_codes_once_full(monkeypa
 
 def test_dino_teacher_temperature_warms_up_linearly() -> None:
     dino = make("dino", epochs=4, teacher_temp_start=0.04, teacher_temp=0.07, teacher_temp_epochs=2.0)
-    values = []
-    for progress in (0.0, 0.125, 0.25, 0.5, 0.75, 1.0):  # epochs 0, 0.5, 1, 2, 3, 4
-        dino.begin_step(progress)
-        values.append(dino.teacher_temp)
+    values = [dino.teacher_temperature(epoch) for epoch in (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)]
     assert values == pytest.approx([0.04, 0.0475, 0.055, 0.07, 0.07, 0.07])
     no_warmup = make("dino", teacher_temp_epochs=0.0, teacher_temp=0.06)
-    no_warmup.begin_step(0.0)
-    assert no_warmup.teacher_temp == pytest.approx(0.06)
+    assert no_warmup.teacher_temperature(0.0) == pytest.approx(0.06)
+    small = make("dino", out_dim=64, head_width=32, epochs=4, teacher_temp=0.07, teacher_temp_epochs=2.0)
+    small(views_for(small, 0), torch.zeros(N, dtype=torch.long), step_context(2, 8, epochs=4))
+    assert small.teacher_temp == pytest.approx(0.055)  # the forward pass uses the schedule at its epoch
 
 
 def test_dino_centre_is_an_ema_of_the_teacher_outputs() -> None:
@@ -124,13 +127,12 @@ def test_dino_centre_is_an_ema_of_the_teacher_outputs() -> None:
     with torch.no_grad():
         h = dino.teacher["backbone"](torch.cat(views[:2]))
         teacher_out = dino._out(dino.teacher["head"](h), dino.teacher_prototypes)  # (2N, K)
-    dino.begin_step(0.0)
-    dino(views, torch.zeros(N, dtype=torch.long))
+    dino(views, torch.zeros(N, dtype=torch.long), step_context())
     expected = 0.1 * teacher_out.mean(dim=0, keepdim=True)
     assert torch.allclose(dino.center, expected, atol=1e-6)
     assert torch.allclose(dino.center, dino_center(torch.zeros(1, 64), [teacher_out], 0.9), atol=1e-6)
     off = make("dino", out_dim=64, head_width=32, centering=False)
-    off(views_for(off, 0), torch.zeros(N, dtype=torch.long))
+    off(views_for(off, 0), torch.zeros(N, dtype=torch.long), step_context())
     assert off.center.abs().sum() == 0
 
 
@@ -142,8 +144,7 @@ def test_dino_teacher_gets_no_gradient_and_follows_the_student_by_ema() -> None:
     assert dino.teacher_momentum(0.0) == pytest.approx(0.9)
     assert dino.teacher_momentum(0.5) == pytest.approx(0.95)
     assert dino.teacher_momentum(1.0) == pytest.approx(1.0)
-    dino.begin_step(0.0)
-    dino(views_for(dino, 0), torch.zeros(N, dtype=torch.long)).loss.backward()
+    dino(views_for(dino, 0), torch.zeros(N, dtype=torch.long), step_context()).loss.backward()
     assert all(p.grad is None for p in teacher_params)
     assert dino.prototypes.grad is not None and dino.backbone.features[0].weight.grad is not None
 
@@ -172,18 +173,17 @@ def test_dino_last_layer_frozen_in_the_first_epoch() -> None:
 
 def test_instdisc_bank_proximal_update_and_z_estimated_once() -> None:
     inst = make("instdisc", negatives=32, bank_momentum=0.5, lr=0.03)
-    inst.num_images = 64
     inst.train()
     index = torch.arange(N)
-    inst.batch_indices = index
     views = views_for(inst, 0)
-    out = inst(views, torch.zeros(N, dtype=torch.long))
+    context = step_context(0, 10, indices=index)
+    out = inst(views, torch.zeros(N, dtype=torch.long), context)
     assert inst.bank.shape == (64, 128)
     assert torch.allclose(inst.bank.norm(dim=1), torch.ones(64), atol=1e-6)
     z_first = float(inst.z)
     assert z_first > 0
     bank_before = inst.bank.clone()
-    inst.after_step(0.1)
+    inst.after_step(context)
     v = out.embedding.detach()
     assert torch.allclose(inst.bank[index], F.normalize(0.5 * bank_before[index] + 0.5 * v, dim=1), atol=1e-6)
     assert torch.equal(inst.bank[N:], bank_before[N:])  # entries outside the batch are untouched
@@ -194,9 +194,8 @@ def test_instdisc_bank_proximal_update_and_z_estimated_once() -> None:
     assert all(math.isfinite(loss) for loss in losses)
     # Z matches the paper's Monte Carlo estimate n E[exp(v . v_j / T)] for uniform noise draws
     fresh = make("instdisc", negatives=4096)
-    fresh.num_images, fresh.batch_indices = 64, index
     fresh.eval()
-    fresh(views, torch.zeros(N, dtype=torch.long))
+    fresh(views, torch.zeros(N, dtype=torch.long), step_context(indices=index))
     with torch.no_grad():
         v0 = F.normalize(fresh.head(fresh.backbone(views[0])), dim=1)
         exact = instdisc_partition(v0, fresh.bank.expand(N, 64, 128), 64, 0.07)
@@ -209,29 +208,26 @@ def test_instdisc_loss_is_nce_of_the_gathered_noise_entries(rows_per_draw: int, 
 
     monkeypatch.setattr(instdisc_module, "_MATMUL_BANK_ROWS_PER_DRAW", rows_per_draw)
     inst = make("instdisc", negatives=32, bank_init="random")
-    inst.num_images, inst.batch_indices = 64, torch.arange(3, 3 + N)
+    index = torch.arange(3, 3 + N)
     views = views_for(inst, 0)
-    out = inst(views, torch.zeros(N, dtype=torch.long))
+    out = inst(views, torch.zeros(N, dtype=torch.long), step_context(indices=index))
     v = F.normalize(inst.head(inst.backbone(views[0])), dim=1)
     generator = torch.Generator().manual_seed(0)  # the method's draw at seed 0, step 0
     noise = torch.randint(64, (N, 32), generator=generator)
     bank = inst.bank
-    expected = instdisc_nce(v, bank[inst.batch_indices], bank[noise], 64, float(inst.z), 0.07)
+    expected = instdisc_nce(v, bank[index], bank[noise], 64, float(inst.z), 0.07)
     assert float(inst.z) == pytest.approx(instdisc_partition(v, bank[noise], 64, 0.07), rel=1e-5)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     out.loss.backward()
     assert all(p.grad is not None for p in inst.head.parameters())
 
 
-def test_instdisc_checkpoint_restores_the_bank_and_needs_indices() -> None:
+def test_instdisc_checkpoint_restores_the_bank() -> None:
     inst = make("instdisc", negatives=32)
-    inst.num_images = 64
     train(inst, steps=2, total=4)
     restored = make("instdisc", negatives=32)
     restored.load_state_dict(inst.state_dict())
     assert torch.equal(restored.bank, inst.bank) and float(restored.z) == float(inst.z)
-    with pytest.raises(SslabError, match="batch_indices"):
-        make("instdisc")(views_for(inst, 0), torch.zeros(N, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------------- supervised baseline
@@ -241,7 +237,7 @@ def test_supervised_is_cross_entropy_of_a_linear_classifier_on_both_views() -> N
     sup = make("supervised")
     views, labels = views_for(sup, 0), torch.arange(N) % 10
     sup.train()
-    out = sup(views, labels)
+    out = sup(views, labels, step_context())
     assert sup.head.layers[0][0].weight.shape == (10, sup.backbone.feature_dim)
     with torch.no_grad():
         logits = sup.head(sup.backbone(torch.cat(views[:2])))  # (2N, 10), batch-norm on the same batch
@@ -274,10 +270,11 @@ def test_short_pretraining_beats_random_init(method: str, tmp_path) -> None:
 def test_instdisc_bank_starts_from_first_visit_features_or_at_random() -> None:
     for bank_init in ("first-visit", "random"):
         method = make("instdisc", bank_init=bank_init, negatives=8)
-        method.num_images, method.batch_indices = 20, torch.arange(4, 8)
         method.train()
         views = [torch.rand(4, 1, SIDE, SIDE), torch.rand(4, 1, SIDE, SIDE)]
-        method(views, torch.zeros(4, dtype=torch.long))
+        method(
+            views, torch.zeros(4, dtype=torch.long), step_context(indices=torch.arange(4, 8), num_images=20)
+        )
         with torch.no_grad():
             v = F.normalize(method.head(method.backbone(views[0])), dim=1)
         seen = torch.allclose(method.bank[4:8], v, atol=1e-5)

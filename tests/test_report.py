@@ -18,19 +18,12 @@ from matplotlib.axes import Axes
 from typer.testing import CliRunner
 
 from sslab.cli import app
-from sslab.config import TrialConfig
+from sslab.config import TrialConfig, from_mapping
 from sslab.errors import ConfigError, SslabError
 from sslab.report.curves import Series, plot_bars, plot_curve, series_data
-from sslab.report.data import (
-    apply_where,
-    baseline_value,
-    describe,
-    figure_title,
-    load_study,
-    t_quantile,
-    t_two_sided_p,
-)
+from sslab.report.data import apply_where, baseline_value, figure_title, load_study
 from sslab.report.heatmap import heatmap_grid, plot_heatmap, render_heatmap
+from sslab.report.stats import describe, t_quantile, t_two_sided_p
 from sslab.store import Provenance, Store
 
 runner = CliRunner()
@@ -65,7 +58,7 @@ def fill_aug_pairs(store: Store) -> None:
             if (first, second) in MISSING:
                 continue
             for seed in SEEDS:
-                config = TrialConfig(aug1=first, aug2=second, seed=seed, epochs=2, dataset="synthetic")
+                config = from_mapping(dict(aug1=first, aug2=second, seed=seed, epochs=2, dataset="synthetic"))
                 store.add_study_trial(
                     "aug-pairs", config.hash(), {"first": first, "second": second, "seed": seed}
                 )
@@ -81,7 +74,7 @@ def fill_aug_pairs(store: Store) -> None:
                     },
                     "failed" if failed else "done",
                 )
-    pending = TrialConfig(aug1="blur", aug2="cutout", seed=0, epochs=2, dataset="synthetic")
+    pending = from_mapping(dict(aug1="blur", aug2="cutout", seed=0, epochs=2, dataset="synthetic"))
     store.add_study_trial("aug-pairs", pending.hash(), {"first": "blur", "second": "cutout", "seed": 0})
 
 
@@ -98,7 +91,7 @@ def fill_grid_study(store: Store) -> None:
             if (out_dim, head) == (256, 0):
                 continue
             for seed in (0, 1):
-                config = TrialConfig(out_dim=out_dim, head=head, seed=seed, dataset="synthetic")
+                config = from_mapping(dict(out_dim=out_dim, head=head, seed=seed, dataset="synthetic"))
                 store.add_study_trial("head", config.hash(), {"out_dim": out_dim, "head": head, "seed": seed})
                 add_trial(store, config, {"linear_top1": grid_value(out_dim, head, seed)})
 
@@ -413,7 +406,7 @@ def test_results_of_a_study_in_every_format(store: Store) -> None:
 )
 def test_bad_requests_are_one_line_errors(store: Store, args: list[str], message: str) -> None:
     store.register_study("empty", {})
-    store.add_study_trial("empty", TrialConfig(seed=9).hash(), {"seed": 9})
+    store.add_study_trial("empty", from_mapping(dict(seed=9)).hash(), {"seed": 9})
     result = runner.invoke(app, [*args, "--db", store.url])
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output

@@ -12,16 +12,11 @@ from typer.testing import CliRunner
 
 from sslab.cli import app
 from sslab.config import TrialConfig
-from sslab.methods import METHODS
-from sslab.report.compare import (
-    Comparison,
-    compare_configs,
-    paired_difference,
-    paired_differences,
-    run_compare,
-)
-from sslab.report.data import t_two_sided_p
+from sslab.methods import method_info
+from sslab.report.compare import Comparison, load_comparison, paired_differences
+from sslab.report.stats import paired_difference, t_two_sided_p
 from sslab.store import Provenance, Store
+from sslab.study.compare import compare_configs
 
 runner = CliRunner()
 PROVENANCE = Provenance("cpu", "2.14.1", "0.1.0", "abc1234", "host")
@@ -39,7 +34,9 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
 
 def fill_known(store: Store, seeds: list[int], failed: tuple[str, int] | None = None) -> None:
     """Known final metrics (and per-epoch losses) for the compare configs of simclr and byol."""
-    configs = compare_configs(["simclr", "byol"], seeds, BUDGET)
+    configs = {
+        k: v for k, v in compare_configs(["simclr", "byol"], max(seeds) + 1, BUDGET).items() if k[1] in seeds
+    }
     for (method, seed), config in configs.items():
         trial_id = store.begin_trial(config, PROVENANCE)
         for epoch, loss in enumerate(LOSS[method], start=1):
@@ -63,11 +60,12 @@ def test_paired_statistics_match_closed_forms() -> None:
 
 
 def test_configs_share_one_budget_whatever_the_method_defaults() -> None:
-    configs = compare_configs(["simclr", "barlow"], [0, 1], {"epochs": 3})
+    configs = compare_configs(["simclr", "barlow"], 2, {"epochs": 3})
     budget = {(c.dataset, c.backbone, c.epochs, c.batch_size, c.train_subset) for c in configs.values()}
     assert len(budget) == 1 and next(iter(budget))[2] == 3
     own_defaults = (configs[("barlow", 0)].optimizer, configs[("simclr", 0)].optimizer)
-    assert own_defaults == (METHODS["barlow"].defaults["optimizer"], TrialConfig.optimizer) == ("adam", "sgd")
+    barlow = method_info("barlow").shared_defaults["optimizer"]
+    assert own_defaults == (barlow, TrialConfig.optimizer) == ("adam", "sgd")
 
 
 def test_compare_reports_stored_trials_without_running(store: Store) -> None:
@@ -75,14 +73,14 @@ def test_compare_reports_stored_trials_without_running(store: Store) -> None:
     args = ["compare", "simclr", "byol", "--seeds", "3", *SETS, "--no-run", "--db", store.url]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "training" not in result.output
+    assert "trained" not in result.output  # --no-run: nothing scheduled
     simclr = [100 * LINEAR[("simclr", s)] for s in (0, 1, 2)]
     byol = [100 * LINEAR[("byol", s)] for s in (0, 1)]
     assert f"{np.mean(simclr):.1f} ± {np.std(simclr, ddof=1):.1f}" in result.output
     assert f"{np.mean(byol):.1f} ± {np.std(byol, ddof=1):.1f}" in result.output
     assert "2/3" in result.output and "1/2" in result.output  # byol: 2 of 3 finished, 1 of 2 collapsed
 
-    comparison = run_compare(store, ["simclr", "byol"], 3, BUDGET, run=False)
+    comparison = load_comparison(store, "compare-simclr-byol")
     linear = next(d for d in paired_differences(comparison, "linear_top1"))
     diffs = [simclr[s] - byol[s] for s in (0, 1)]  # paired on the seeds where both finished
     assert linear.n == 2 and linear.mean == pytest.approx(np.mean(diffs))
@@ -131,7 +129,7 @@ def test_compare_errors_are_one_line_and_leave_the_store_alone(store: Store) -> 
     other = runner.invoke(
         app, ["compare", "simclr", "byol", "--set", "epochs=5", "--no-run", "--db", store.url]
     )
-    assert other.exit_code == 2 and "was recorded with --set" in other.output
+    assert other.exit_code == 2 and "with a different set" in other.output and "--study NAME" in other.output
 
 
 def test_compare_trains_only_the_missing_trials(store: Store) -> None:
@@ -139,12 +137,12 @@ def test_compare_trains_only_the_missing_trials(store: Store) -> None:
     args = ["compare", "simclr", "byol", "--seeds", "2", *SETS, "--db", store.url]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "training simclr seed 1" in result.output and "training byol seed 1" in result.output
-    assert "seed 0" not in result.output
+    assert "method=simclr seed=1: done" in result.output and "method=byol seed=1: done" in result.output
+    assert "trained 2 here" in result.output and "seed=0: done" not in result.output
     frame = store.results_frame().set_index(["method", "seed"])
     assert len(frame) == 4 and set(frame["status"]) == {"done"}
     assert frame.loc[("simclr", 0), "linear_top1"] == LINEAR[("simclr", 0)]  # not retrained
     assert all(0.0 <= frame.loc[(m, 1), "linear_top1"] <= 1.0 for m in ("simclr", "byol"))
     assert frame["epochs"].nunique() == frame["train_subset"].nunique() == frame["batch_size"].nunique() == 1
-    comparison = run_compare(store, ["simclr", "byol"], 2, BUDGET, run=False)
-    assert isinstance(comparison, Comparison) and len(comparison.done) == 4 and comparison.ran == 0
+    comparison = load_comparison(store, "compare-simclr-byol")
+    assert isinstance(comparison, Comparison) and len(comparison.done) == 4

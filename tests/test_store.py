@@ -2,7 +2,7 @@ import multiprocessing as mp
 
 import pytest
 
-from sslab.config import TrialConfig
+from sslab.config import from_mapping
 from sslab.store import Provenance, Store, StoreError
 
 PROVENANCE = Provenance("cpu", "test", "0", None, "host")
@@ -10,7 +10,7 @@ PROVENANCE = Provenance("cpu", "test", "0", None, "host")
 
 def test_trial_lifecycle(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
-    config = TrialConfig(epochs=1)
+    config = from_mapping(dict(epochs=1))
     trial_id = store.begin_trial(config, PROVENANCE)
     store.log_metrics(trial_id, {"loss": 2.0}, epoch=1)
     store.log_metrics(trial_id, {"linear_top1": 0.5})
@@ -24,7 +24,7 @@ def test_trial_lifecycle(tmp_path) -> None:
 
 def test_rerun_replaces_metrics_and_keeps_one_row(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
-    config = TrialConfig()
+    config = from_mapping({})
     first = store.begin_trial(config, PROVENANCE)
     store.log_metrics(first, {"linear_top1": 0.1})
     store.finish_trial(first, "failed", reason="boom")
@@ -37,7 +37,7 @@ def test_rerun_replaces_metrics_and_keeps_one_row(tmp_path) -> None:
 def _writer(url: str, worker: int) -> None:
     store = Store(url)
     for index in range(15):
-        config = TrialConfig(seed=worker * 100 + index)
+        config = from_mapping(dict(seed=worker * 100 + index))
         trial_id = store.begin_trial(config, PROVENANCE)
         store.log_metrics(trial_id, {"a": 1.0, "b": 2.0})
         store.finish_trial(trial_id, "done")
@@ -67,7 +67,7 @@ def test_bad_urls_are_one_line_errors(tmp_path) -> None:
 
 def test_study_membership_and_frame(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
-    done, pending = TrialConfig(seed=1), TrialConfig(seed=2)
+    done, pending = from_mapping(dict(seed=1)), from_mapping(dict(seed=2))
     store.register_study("demo", {"axes": {"seed": [1, 2]}})
     store.add_study_trial("demo", done.hash(), {"seed": 1})
     store.add_study_trial("demo", pending.hash(), {"seed": 2})

@@ -124,7 +124,8 @@ normalize = false
     assert plan.total == 2 * 2 * 2
     cell = next(c for c in plan.cells if c.axes == {"first": "crop", "strength": "strong", "seed": 4})
     assert cell.config.view_specs == ("crop(scale=0.5-1)", "crop(scale=0.5-1)")
-    assert cell.config.temperature == 0.1 and cell.config.normalize is False and cell.config.seed == 4
+    s = cell.config.settings
+    assert s.temperature == 0.1 and s.normalize is False and cell.config.seed == 4
 
 
 def test_exclude_drops_cells_and_duplicates_are_refused(tmp_path) -> None:
@@ -183,7 +184,7 @@ def test_budget_follow_ups_reuse_the_original_trials(
 def test_overrides_apply_and_conflicts_are_errors() -> None:
     plan = load_plan("temperature", {"epochs": "1", "train_subset": "512", "method": "simclr"})
     assert all(c.config.epochs == 1 and c.config.train_subset == 512 for c in plan.cells)
-    assert {c.config.temperature for c in plan.cells} == {0.05, 0.1, 0.5, 1.0}
+    assert {c.config.settings.temperature for c in plan.cells} == {0.05, 0.1, 0.5, 1.0}
     with pytest.raises(ConfigError, match="--set temperature: is set by the study"):
         load_plan("temperature", {"temperature": "0.2"})
     with pytest.raises(ConfigError, match="--set aug1: is set by the study"):
@@ -204,15 +205,16 @@ def test_seeds_option_replaces_the_files_seeds() -> None:
 
 
 def test_method_override_fills_that_methods_defaults() -> None:
-    from sslab.config import method_defaults
+    from sslab.methods import method_info
 
-    defaults = method_defaults("byol")
-    plan = load_plan("temperature", {"method": "byol"})
+    info = method_info("byol")
+    plan = load_plan("batch-size", {"method": "byol"})
     config = plan.cells[0].config
-    assert config.method == "byol"
-    for key, value in defaults.items():
-        if key not in ("temperature", "normalize"):
-            assert getattr(config, key) == value
+    assert config.method == "byol" and dict(config.settings) == info.defaults()
+    for key, value in info.shared_defaults.items():
+        assert getattr(config, key) == value
+    with pytest.raises(ConfigError, match="give the same trial"):  # byol has no temperature to vary
+        load_plan("temperature", {"method": "byol"})
 
 
 def test_search_samplers_need_n_trials_and_one_seed(tmp_path) -> None:

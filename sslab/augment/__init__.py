@@ -1,7 +1,10 @@
-"""Batched, per-sample random image augmentations built from view specs."""
+"""Per-sample random image augmentations built from view specs.
 
-from .ops import OPS, OpInfo, Param
-from .spec import describe_ops
-from .view import View, parse_view
+This package and its spec parsing import no torch; the ops and views that run them live in `ops` and `view`
+(import `sslab.augment.view` to augment images).
+"""
 
-__all__ = ["OPS", "OpInfo", "Param", "View", "describe_ops", "parse_view"]
+from .signatures import SIGNATURES, OpSignature, Param
+from .spec import canonical_view, describe_ops, parse_steps
+
+__all__ = ["SIGNATURES", "OpSignature", "Param", "canonical_view", "describe_ops", "parse_steps"]

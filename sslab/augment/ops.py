@@ -10,40 +10,29 @@ non-contiguous tensor, where that is cheaper, so callers must not modify the res
 ``inplace=True`` lets an op overwrite ``x`` instead of copying it; ``View`` passes it for the
 intermediate results it owns, which saves a full copy of the batch per probabilistic op.
 
-Defaults follow SimCLR (Chen et al., 2020, appendix A) and torchvision's transforms.
+Names, parameters and defaults are declared in `signatures.py`, which needs no torch.
 """
 
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .color import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, to_gray
+from .signatures import SIGNATURES, OpSignature, Param, Range, Value
 
-Range = tuple[float, float]
-Value = float | Range | bool
 OpFn = Callable[..., Tensor]
 
-
-@dataclass(frozen=True)
-class Param:
-    """One op parameter: its default (a float, a (lo, hi) range or a bool) and the allowed values."""
-
-    default: Value
-    doc: str
-    low: float | None = 0.0  # lower bound for numbers and range ends
-    high: float | None = None  # upper bound
-    open_low: bool = False  # the lower bound itself is not allowed
+__all__ = ["OPS", "OpInfo", "Param", "Range", "Value", "register"]
 
 
 @dataclass(frozen=True)
 class OpInfo:
-    """A registered op: its function, one-line description and parameters (in spec order)."""
+    """A registered op: its function with its signature's name, description and parameters."""
 
     name: str
     fn: OpFn
@@ -54,22 +43,23 @@ class OpInfo:
     def defaults(self) -> dict[str, Value]:
         return {key: param.default for key, param in self.params.items()}
 
+    @property
+    def signature(self) -> OpSignature:
+        return OpSignature(self.name, self.doc, self.params, self.random)
+
 
 OPS: dict[str, OpInfo] = {}
 
 
-def register(name: str, doc: str, *, random: bool = True, **params: Param) -> Callable[[OpFn], OpFn]:
-    """Decorator adding an op to OPS under `name`."""
+def register(name: str) -> Callable[[OpFn], OpFn]:
+    """Decorator implementing the op that `signatures.SIGNATURES` declares under `name`."""
+    signature = SIGNATURES[name]
 
     def add(fn: OpFn) -> OpFn:
-        OPS[name] = OpInfo(name, fn, doc, MappingProxyType(params), random)
+        OPS[name] = OpInfo(name, fn, signature.doc, signature.params, signature.random)
         return fn
 
     return add
-
-
-def _prob(default: float, doc: str) -> Param:
-    return Param(default, doc, 0.0, 1.0)
 
 
 # --- random draws and per-sample dispatch ------------------------------------------------------------
@@ -152,12 +142,7 @@ def _crop_boxes(
     return left, top, box_w, box_h
 
 
-@register(
-    "crop",
-    "random resized crop back to the input size (bilinear)",
-    scale=Param((0.08, 1.0), "area fraction of the box", 0.0, 1.0, open_low=True),
-    ratio=Param((0.75, 1.333), "box aspect ratio (width / height), log-uniform", 0.0, open_low=True),
-)
+@register("crop")
 def crop(
     x: Tensor,
     generator: torch.Generator,
@@ -178,7 +163,7 @@ def crop(
     return out.clamp_(0, 1)  # clamp rounding overshoot
 
 
-@register("flip", "horizontal flip", p=_prob(0.5, "probability"))
+@register("flip")
 def flip(x: Tensor, generator: torch.Generator, p: float = 0.5, inplace: bool = False) -> Tensor:
     hit = _coin(p, x.shape[0], generator, x)
     return _apply_where(x, hit, lambda part: part.flip(-1), inplace=inplace)
@@ -194,18 +179,13 @@ def _rot90(x: Tensor, turns: int) -> Tensor:
     return F.pad(out, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
 
-@register("rotate", "rotate by 90, 180 or 270 degrees, chosen uniformly")
+@register("rotate")
 def rotate(x: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
     turns = (_rand((x.shape[0],), generator, x) * 3).long()  # (N,) in {0, 1, 2} -> 1, 2, 3 quarter turns
     return _apply_grouped(x, turns, [partial(_rot90, turns=k) for k in (1, 2, 3)])
 
 
-@register(
-    "cutout",
-    "zero one square hole per sample, inside the image",
-    size=Param((0.25, 0.5), "hole side as a fraction of the shorter image side", 0.0, 1.0),
-    p=_prob(1.0, "probability"),
-)
+@register("cutout")
 def cutout(
     x: Tensor, generator: torch.Generator, size: Range = (0.25, 0.5), p: float = 1.0, inplace: bool = False
 ) -> Tensor:
@@ -235,15 +215,7 @@ def _jitter_(x: Tensor, factors: Tensor, order: Sequence[int]) -> Tensor:
     return x
 
 
-@register(
-    "jitter",
-    "colour jitter (brightness, contrast, saturation, hue in a random order), with probability p",
-    brightness=Param(0.4, "brightness factor drawn from [1 - b, 1 + b]"),
-    contrast=Param(0.4, "contrast factor drawn from [1 - c, 1 + c]"),
-    saturation=Param(0.4, "saturation factor drawn from [1 - s, 1 + s]"),
-    hue=Param(0.1, "hue shift drawn from [-h, h] turns", 0.0, 0.5),
-    p=_prob(0.8, "probability"),
-)
+@register("jitter")
 def jitter(
     x: Tensor,
     generator: torch.Generator,
@@ -269,23 +241,13 @@ def jitter(
     return _apply_where(x, hit, partial(_jitter_, order=order), factors, inplace=inplace, writable=True)
 
 
-@register(
-    "grayscale",
-    "convert to grayscale (ITU-R 601-2 luma), replicated to all channels",
-    p=_prob(0.2, "probability"),
-)
+@register("grayscale")
 def grayscale(x: Tensor, generator: torch.Generator, p: float = 0.2, inplace: bool = False) -> Tensor:
     hit = _coin(p, x.shape[0], generator, x)
     return x if x.shape[1] == 1 else _apply_where(x, hit, _gray_like, inplace=inplace)
 
 
-@register(
-    "color",
-    "SimCLR colour distortion: jitter(0.8s, 0.8s, 0.8s, 0.2s) with probability p, then grayscale",
-    s=Param(1.0, "colour distortion strength", 0.0, 2.5),
-    p=_prob(0.8, "probability of the colour jitter"),
-    gray=_prob(0.2, "probability of grayscale"),
-)
+@register("color")
 def color(
     x: Tensor,
     generator: torch.Generator,
@@ -300,12 +262,7 @@ def color(
     return grayscale(out, generator, p=gray, inplace=inplace or out is not x)
 
 
-@register(
-    "solarize",
-    "invert pixels at or above a threshold",
-    threshold=_prob(0.5, "threshold"),
-    p=_prob(0.2, "probability"),
-)
+@register("solarize")
 def solarize(
     x: Tensor, generator: torch.Generator, threshold: float = 0.5, p: float = 0.2, inplace: bool = False
 ) -> Tensor:
@@ -313,9 +270,7 @@ def solarize(
     return _apply_where(x, hit, lambda part: torch.where(part >= threshold, 1 - part, part), inplace=inplace)
 
 
-@register(
-    "noise", "additive Gaussian noise, per-sample std drawn from [0, std]", std=Param(0.1, "largest std")
-)
+@register("noise")
 def noise(x: Tensor, generator: torch.Generator, std: float = 0.1, inplace: bool = False) -> Tensor:
     n = x.shape[0]
     sigma = _uniform((0.0, std), n, generator, x)
@@ -347,13 +302,7 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:
     return out.clamp_(0, 1)  # rounding can overshoot 1 by an ulp
 
 
-@register(
-    "blur",
-    "Gaussian blur with per-sample sigma (pixels), kernel side a fraction of the image side",
-    sigma=Param((0.1, 2.0), "sigma in pixels", 0.0, open_low=True),
-    p=_prob(0.5, "probability"),
-    kernel=Param(0.1, "kernel side as a fraction of the shorter image side", 0.0, 1.0, open_low=True),
-)
+@register("blur")
 def blur(
     x: Tensor,
     generator: torch.Generator,
@@ -386,13 +335,13 @@ def _sobel_magnitude(gray: Tensor) -> Tensor:
     return torch.hypot(gx, gy)  # (N, 1, H, W)
 
 
-@register("sobel", "Sobel gradient magnitude of the luma, scaled per sample to [0, 1]", random=False)
+@register("sobel")
 def sobel(x: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
     magnitude = _sobel_magnitude(to_gray(x))
     peak = magnitude.amax((1, 2, 3), keepdim=True).clamp_min_(1e-12)  # (N, 1, 1, 1)
     return magnitude.div_(peak).clamp_(0, 1).expand_as(x)
 
 
-@register("identity", "leave the images unchanged", random=False)
+@register("identity")
 def identity(x: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
     return x

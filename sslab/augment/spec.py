@@ -1,4 +1,4 @@
-"""View specs: parsing ``"crop(scale=0.08-1),flip,color(s=0.5)"`` into steps and formatting them back.
+"""View specs (torch-free): parsing ``"crop(scale=0.08-1),flip,color(s=0.5)"`` into steps, and back.
 
 Grammar: comma-separated ops, each ``name`` or ``name(key=value, ...)``; a value is a number (``0.5``),
 a range ``lo-hi`` (``0.08-1``; a single number means lo = hi) or ``true``/``false``. Whitespace is ignored.
@@ -10,12 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-import torch
-from torch import Tensor
-
 from sslab.errors import AugmentError
 
-from .ops import OPS, OpInfo, Param, Value
+from .signatures import SIGNATURES, OpSignature, Param, Value
 
 _NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
@@ -27,11 +24,8 @@ _OP_RE = re.compile(r"([A-Za-z_]\w*)\s*(?:\((.*)\))?", re.DOTALL)
 class Step:
     """One op of a view with all of its parameters filled in."""
 
-    op: OpInfo
+    op: OpSignature
     params: Mapping[str, Value]
-
-    def __call__(self, x: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
-        return self.op.fn(x, generator, **self.params, inplace=inplace)
 
     def __str__(self) -> str:
         return format_op(self.op, self.params)
@@ -47,7 +41,7 @@ def format_value(value: Value) -> str:
     return text.removesuffix(".0")
 
 
-def format_op(op: OpInfo, params: Mapping[str, Value], sep: str = ",") -> str:
+def format_op(op: OpSignature, params: Mapping[str, Value], sep: str = ",") -> str:
     """``name(key=value,...)`` with the op's parameters in declaration order; bare name without any."""
     if not op.params:
         return op.name
@@ -57,7 +51,7 @@ def format_op(op: OpInfo, params: Mapping[str, Value], sep: str = ",") -> str:
 
 def describe_ops() -> str:
     """One line per registered op: its signature with defaults and what it does."""
-    rows = [(format_op(op, op.defaults(), sep=", "), op.doc) for op in OPS.values()]
+    rows = [(format_op(op, op.defaults(), sep=", "), op.doc) for op in SIGNATURES.values()]
     width = max(len(signature) for signature, _ in rows)
     return "\n".join(f"{signature:<{width}}  {doc}" for signature, doc in rows)
 
@@ -82,7 +76,7 @@ def _in_bounds(value: float, param: Param) -> bool:
     return param.high is None or value <= param.high
 
 
-def _parse_value(op: OpInfo, key: str, text: str) -> Value:
+def _parse_value(op: OpSignature, key: str, text: str) -> Value:
     """Parse and check one parameter value of `op`; raise AugmentError if it is not allowed."""
     param = op.params[key]
     bad = AugmentError(f"{op.name}: {key} must be {_allowed(param)}, got {text!r}")
@@ -127,9 +121,9 @@ def _parse_op(text: str, spec: str) -> Step:
             f"bad view spec {spec!r}: cannot read op {text.strip()!r}; expected name(key=value, ...)"
         )
     name, arg_text = match[1].lower(), match[2]
-    op = OPS.get(name)
+    op = SIGNATURES.get(name)
     if op is None:
-        raise AugmentError(f"unknown augmentation op {name!r}; valid ops: {', '.join(OPS)}")
+        raise AugmentError(f"unknown augmentation op {name!r}; valid ops: {', '.join(SIGNATURES)}")
     params = op.defaults()
     given: set[str] = set()
     for arg in (arg_text or "").split(","):
@@ -164,3 +158,17 @@ def parse_steps(spec: str) -> tuple[Step, ...]:
 def format_steps(steps: tuple[Step, ...]) -> str:
     """Canonical spec of steps, all parameters spelled out; ``identity`` for no steps."""
     return ",".join(str(step) for step in steps) or "identity"
+
+
+def canonical_view(spec: str) -> str:
+    """The one spelling of a view spec that trial identities use: ops in order, each with only the parameters
+    that differ from their defaults, sorted by name (``color(s=1)`` -> ``color``; no ops -> ``identity``)."""
+    parts = []
+    for step in parse_steps(spec):
+        if step.op.name == "identity":
+            continue
+        defaults = step.op.defaults()
+        changed = sorted(key for key, value in step.params.items() if value != defaults[key])
+        args = ",".join(f"{key}={format_value(step.params[key])}" for key in changed)
+        parts.append(f"{step.op.name}({args})" if args else step.op.name)
+    return ",".join(parts) or "identity"

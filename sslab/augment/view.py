@@ -16,7 +16,7 @@ class View:
     """
 
     def __init__(self, steps: Iterable[Step] = ()) -> None:
-        self.steps: tuple[Step, ...] = tuple(steps) or (Step(OPS["identity"], {}),)
+        self.steps: tuple[Step, ...] = tuple(steps) or (Step(OPS["identity"].signature, {}),)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -31,7 +31,7 @@ class View:
         out = x
         for step in self.steps:
             # Intermediate results are ours: let the next op overwrite them instead of copying.
-            out = step(out, generator, inplace=_owned(out, x))
+            out = OPS[step.op.name].fn(out, generator, **step.params, inplace=_owned(out, x))
         return out if _owned(out, x) else out.clone(memory_format=torch.contiguous_format)
 
     def __str__(self) -> str:

@@ -12,16 +12,16 @@ from torch import Tensor
 
 from sslab.config import TrialConfig
 from sslab.losses import barlow_twins
-from sslab.methods.base import Method, StepOutput, register
+from sslab.methods.base import Method, StepContext, StepOutput, register
 from sslab.models import Backbone, Head, build_head
+from sslab.settings import MethodSettings, Setting
 
 
-@register
-class BarlowTwins(Method):
+class BarlowTwinsSettings(MethodSettings):
     name = "barlow"
     paper = "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction"
-    defaults = {
-        "head": 3,  # lambda = 0.0051 is TrialConfig's default, the paper's
+    shared_defaults = {
+        "head": 3,
         # 8192-8192-8192 in the paper (4x ResNet-50's 2048 features); 2048 is solo-learn's CIFAR width and
         # 8x the small backbone's 256 features (the paper's Fig. 4: wider keeps helping).
         "head_width": 2048,
@@ -33,6 +33,13 @@ class BarlowTwins(Method):
         "weight_decay": 1.5e-6,  # the paper's
     }
 
+    lambd = Setting(
+        0.0051, "weight lambda of the off-diagonal (redundancy reduction) term", "Barlow Twins", minimum=0
+    )
+
+
+@register(BarlowTwinsSettings)
+class BarlowTwins(Method):
     head: Head
 
     def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
@@ -41,8 +48,8 @@ class BarlowTwins(Method):
             backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn
         )
 
-    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+    def forward(self, views: list[Tensor], labels: Tensor, step: StepContext) -> StepOutput:
         z_a = self.head(self.backbone(views[0]))  # (N, D)
         z_b = self.head(self.backbone(views[1]))  # (N, D)
-        loss = barlow_twins(z_a, z_b, self.config.lambd)
+        loss = barlow_twins(z_a, z_b, self.settings.lambd)
         return StepOutput(loss=loss, embedding=z_a)

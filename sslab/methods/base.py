@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from sslab.config import TrialConfig
 from sslab.errors import ConfigError
+from sslab.methods import catalog
 from sslab.models import Backbone, Head
+from sslab.settings import MethodSettings, SettingValues
 
 
 @dataclass
@@ -26,8 +29,8 @@ class StepOutput:
 class Gather:
     """All-gather of a tensor's rows across training processes, with gradients; the identity in one process.
 
-    Under torchrun the trainer gives each method a distributed one: rows come back in rank order, so this
-    process's N rows start at row `offset(N)` of the (world_size * N, ...) result.
+    Under torchrun the trainer passes a distributed one in the step context: rows come back in rank order,
+    so this process's N rows start at row `offset(N)` of the (world_size * N, ...) result.
     """
 
     rank: int = 0
@@ -40,64 +43,87 @@ class Gather:
         return self.rank * rows
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What the trainer tells a method about one training step, passed to every step hook."""
+
+    progress: float  # fraction of training done before this step, in [0, 1)
+    progress_after: float  # fraction done once this step's update is applied
+    epochs_done: float  # `progress` in epochs (for settings given in epochs)
+    batch_indices: Tensor  # (N,) rows of this process's share of the batch in the training set
+    num_images: int  # training set size (sizes per-image state such as InstDisc's memory bank)
+    gather: Gather  # collects rows over the global batch (the identity in one process)
+
+
 class Method(nn.Module):
     """A self-supervised method: built from the config, returns the loss for a batch of views.
 
     `backbone` is the encoder whose frozen features are evaluated; `head` (optional) is the projection
-    head whose layers can also be probed. Methods never move themselves to a device or call distributed
-    APIs: the trainer does that, and sets `gather` for what is taken over the global batch (negatives, ...).
+    head whose layers can also be probed. `settings` are the method's own, declared by the `MethodSettings`
+    subclass it is registered with. Methods never move themselves to a device or call distributed APIs: the
+    trainer does that, and passes each step's context (batch rows, dataset size, progress, gather).
     """
 
     name: ClassVar[str]
     paper: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]] = {}  # config fields this method sets differently from TrialConfig
-    multicrop: ClassVar[bool] = False  # whether forward() uses local crops beyond the two global views
+    declaration: ClassVar[type[MethodSettings]]
     backbone: Backbone
     head: Head | None
-    # Set by the trainer: the training set size before training, the rows of each batch before its forward
-    # (per-image state such as InstDisc's memory bank).
-    num_images: int | None
-    batch_indices: Tensor | None
+    settings: SettingValues
 
     def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__()
         self.config = config
+        self.settings = config.settings
         self.backbone = backbone
         self.head = None
         self.num_classes = num_classes
-        self.gather = Gather()
 
-    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:  # pragma: no cover - interface
+    def forward(
+        self, views: list[Tensor], labels: Tensor, step: StepContext
+    ) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def begin_step(self, progress: float) -> None:
-        """Called before each forward with the fraction of training done so far (schedules, warm-ups)."""
-
-    def before_optimizer_step(self, progress: float) -> None:
+    def before_optimizer_step(self, step: StepContext) -> None:
         """Called after backward, before the optimiser step (e.g. to zero gradients of frozen parts)."""
 
-    def after_step(self, progress: float) -> None:
-        """Called after each optimiser step with the fraction of training done (momentum/EMA updates)."""
+    def after_step(self, step: StepContext) -> None:
+        """Called after each optimiser step: momentum/EMA updates (`step.progress_after`: fraction done)."""
 
     def fixed_lr_parameters(self) -> list[nn.Parameter]:
         """Parameters whose learning rate stays at the base rate instead of following the schedule."""
         return []
 
 
-METHODS: dict[str, type[Method]] = {}
+IMPLEMENTATIONS: dict[str, type[Method]] = {}
+M = TypeVar("M", bound=type[Method])
 
 
-def register(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
-    return cls
+def register(declaration: type[MethodSettings]) -> Callable[[M], M]:
+    """Class decorator: `declaration` (the method's settings) names the method; the class implements it."""
+
+    def add(cls: M) -> M:
+        info = declaration.info
+        cls.name, cls.paper, cls.declaration = info.name, info.paper, declaration
+        IMPLEMENTATIONS[info.name] = cls
+        catalog.add(info)
+        return cls
+
+    return add
+
+
+def implementation(name: str) -> type[Method]:
+    """The class implementing method `name`, importing its file if needed."""
+    info = catalog.method_info(name)
+    if name not in IMPLEMENTATIONS and info.module is not None:
+        importlib.import_module(info.module)
+    if name not in IMPLEMENTATIONS:
+        raise ConfigError(f"method {name} is declared in {info.module} but not registered there")
+    return IMPLEMENTATIONS[name]
 
 
 def build_method(config: TrialConfig, backbone: Backbone, num_classes: int) -> Method:
-    try:
-        factory: Callable[..., Method] = METHODS[config.method]
-    except KeyError:
-        raise ConfigError(f"unknown method '{config.method}'; valid methods: {', '.join(METHODS)}") from None
-    return factory(config, backbone, num_classes)
+    return implementation(config.method)(config, backbone, num_classes)
 
 
 def concat_forward(module: Callable[[Tensor], Tensor], views: list[Tensor]) -> list[Tensor]:

@@ -5,7 +5,7 @@ l2-normalisation, then a weight-normalised last layer (weight g fixed to 1) to K
 teacher sees the two global crops, the student all crops (multi-crop). Algorithm 1:
 loss = H(softmax((t - c) / tau_t), softmax(s / tau_s)) over crop pairs; the teacher is an EMA of the
 student (momentum `ema`, raised to 1 on a cosine when `ema_cosine`), c an EMA of the teacher's batch mean.
-The last layer is frozen during the first `freeze_prototypes` epochs (DINO's freeze_last_layer). The
+The last layer is frozen during the first `dino.freeze_prototypes` epochs (DINO's freeze_last_layer). The
 student's backbone is the one probed; the paper evaluates the teacher.
 """
 
@@ -20,18 +20,18 @@ from torch import Tensor, nn
 
 from sslab.config import TrialConfig
 from sslab.losses import dino_center, dino_loss
-from sslab.methods.base import Method, StepOutput, concat_forward, register
+from sslab.methods.base import Method, StepContext, StepOutput, concat_forward, register
 from sslab.models import Backbone, Head, build_head
+from sslab.settings import MethodSettings, Setting
 
 BOTTLENECK = 256  # DINO head's l2-normalised bottleneck before the last layer
 
 
-@register
-class DINO(Method):
+class DINOSettings(MethodSettings):
     name = "dino"
     paper = "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers"
     multicrop = True
-    defaults = {
+    shared_defaults = {
         "head": 3,  # 3-layer MLP (hidden 2048) to the bottleneck, as in the paper
         "head_width": 2048,
         # head_bn stays on (TrialConfig's default; DINO's use_bn_in_head, off for ViTs): a random small CNN
@@ -40,29 +40,53 @@ class DINO(Method):
         # K = 65536 for ImageNet; 4096 (solo-learn's CIFAR setting) keeps the last layer at 1M weights
         # while far exceeding the number of classes.
         "out_dim": 4096,
-        "temperature": 0.1,  # student temperature tau_s
-        # Teacher temperature: TrialConfig's 0.04 throughout (the code's default). The paper's warm-up to 0.07
-        # softens the targets; in short runs that kept the loss nearer log K (uniform outputs).
-        # Teacher momentum 0.9 on a cosine to 1. The paper's 0.996 is for >100k steps; in a few hundred
-        # the teacher hardly moves from its random initialisation (measured on 3,000 embedded images x 2
-        # epochs: 0.99 and 0.95 stay at the random-init probe, 0.9 clears it).
-        "ema": 0.9,
         # AdamW, DINO's optimiser for ViTs (lr 5e-4 per 256 images, weight decay from 0.04 there). SGD, the
         # paper's choice for ResNet-50, ended below the random-init probe in the same runs (lr 0.1 and 0.3).
         "optimizer": "adamw",
         "lr": 1e-3,
         "weight_decay": 0.04,
-        # DINO freezes the last layer for 1 epoch of 100+; for runs of a few epochs that is ~0.
-        "freeze_prototypes": 0.0,
         "local_crops": 2,  # 2 global + 10 local crops in the paper; 2 local crops add ~40% to a step
     }
 
+    temperature = Setting(0.1, "student softmax temperature tau_s", "DINO", above=0)
+    # The paper's warm-up to 0.07 softens the targets; in short runs that kept the loss nearer log K.
+    teacher_temp = Setting(
+        0.04, "teacher softmax temperature tau_t after the warm-up", "DINO's code default", above=0
+    )
+    teacher_temp_start = Setting(0.04, "teacher temperature at the start of the warm-up", "DINO", above=0)
+    teacher_temp_epochs = Setting(
+        0.0, "linear warm-up of the teacher temperature, in epochs", "DINO", minimum=0
+    )
+    centering = Setting(True, "subtract the running centre c from the teacher's output", "DINO")
+    center_momentum = Setting(
+        0.9, "momentum of the running centre", "DINO", minimum=0, maximum=1, needs="centering"
+    )
+    # 0.996 is for >100k steps; in a few hundred the teacher hardly moves from its random initialisation
+    # (measured on 3,000 embedded images x 2 epochs: 0.99 and 0.95 stay at the random-init probe, 0.9
+    # clears it).
+    ema = Setting(
+        0.9,
+        "base teacher momentum, raised to 1 on a cosine",
+        "measured here (0.996 in the paper)",
+        minimum=0,
+        maximum=1,
+    )
+    ema_cosine = Setting(True, "raise the teacher momentum to 1 on a cosine schedule", "DINO")
+    # DINO freezes the last layer for 1 epoch of 100+; for runs of a few epochs that is ~0.
+    freeze_prototypes = Setting(
+        0.0, "epochs during which the last layer is frozen", "DINO (1 of 100+ epochs)", minimum=0
+    )
+
+
+@register(DINOSettings)
+class DINO(Method):
     head: Head
     teacher_prototypes: Tensor  # the teacher's last layer (K, 256)
     center: Tensor  # c (1, K)
 
     def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
+        s = self.settings
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, BOTTLENECK, config.head_bn
         )
@@ -72,9 +96,11 @@ class DINO(Method):
         self.teacher.requires_grad_(False)
         self.register_buffer("teacher_prototypes", self.prototypes.detach().clone())
         self.register_buffer("center", torch.zeros(1, config.out_dim))  # c (1, K)
-        self.teacher_temp = config.teacher_temp_start
+        self.teacher_temp = s.teacher_temp_start
 
-    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+    def forward(self, views: list[Tensor], labels: Tensor, step: StepContext) -> StepOutput:
+        s = self.settings
+        self.teacher_temp = self.teacher_temperature(step.epochs_done)
         h = concat_forward(self.backbone, views[:2])
         if len(views) > 2:
             h += concat_forward(self.backbone, views[2:])
@@ -82,11 +108,9 @@ class DINO(Method):
         with torch.no_grad():
             h_t = self.teacher["backbone"](torch.cat(views[:2]))  # (2N, D)
             teacher = self._out(self.teacher["head"](h_t), self.teacher_prototypes).chunk(2)  # 2 x (N, K)
-        loss = dino_loss(
-            list(student), list(teacher), self.center, self.config.temperature, self.teacher_temp
-        )
-        if self.config.centering:
-            self.center.copy_(dino_center(self.center, list(teacher), self.config.center_momentum))
+        loss = dino_loss(list(student), list(teacher), self.center, s.temperature, self.teacher_temp)
+        if s.centering:
+            self.center.copy_(dino_center(self.center, list(teacher), s.center_momentum))
         return StepOutput(loss=loss, embedding=student[0])
 
     @staticmethod
@@ -94,24 +118,25 @@ class DINO(Method):
         """Last layer on the l2-normalised bottleneck z (B, 256): weight norm with g = 1 -> (B, K)."""
         return F.normalize(z, dim=1) @ F.normalize(v, dim=1).T
 
-    def begin_step(self, progress: float) -> None:
-        epoch, warmup = progress * self.config.epochs, self.config.teacher_temp_epochs
-        start, end = self.config.teacher_temp_start, self.config.teacher_temp
-        self.teacher_temp = end if epoch >= warmup else start + (end - start) * epoch / warmup
+    def teacher_temperature(self, epochs_done: float) -> float:
+        """tau_t: linear from its start value to its final one over the warm-up epochs, then constant."""
+        s = self.settings
+        start, end, warmup = s.teacher_temp_start, s.teacher_temp, s.teacher_temp_epochs
+        return end if epochs_done >= warmup else start + (end - start) * epochs_done / warmup
 
-    def before_optimizer_step(self, progress: float) -> None:
-        if progress * self.config.epochs < self.config.freeze_prototypes:
+    def before_optimizer_step(self, step: StepContext) -> None:
+        if step.epochs_done < self.settings.freeze_prototypes:
             self.prototypes.grad = None
 
     def teacher_momentum(self, progress: float) -> float:
         """m = 1 - (1 - ema) (cos(pi p) + 1) / 2 with cosine, else ema (p: fraction of training done)."""
-        if not self.config.ema_cosine:
-            return self.config.ema
-        return 1 - (1 - self.config.ema) * (math.cos(math.pi * progress) + 1) / 2
+        if not self.settings.ema_cosine:
+            return self.settings.ema
+        return 1 - (1 - self.settings.ema) * (math.cos(math.pi * progress) + 1) / 2
 
     @torch.no_grad()
-    def after_step(self, progress: float) -> None:
-        m = self.teacher_momentum(progress)
+    def after_step(self, step: StepContext) -> None:
+        m = self.teacher_momentum(step.progress_after)
         student = [*self.backbone.parameters(), *self.head.parameters(), self.prototypes]
         teacher = [*self.teacher["backbone"].parameters(), *self.teacher["head"].parameters()]
         for theta_t, theta_s in zip([*teacher, self.teacher_prototypes], student, strict=True):

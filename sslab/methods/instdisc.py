@@ -4,13 +4,12 @@ v = normalize(W f(x)) (128-d, one linear layer). The memory bank holds one v_i p
 step scores v against its own entry v_i and m noise entries drawn uniformly from the bank, with the NCE
 objective and a normaliser Z estimated once on the first batch (Sec. 3.2). After the step the entries of
 the batch get the proximal update v_i <- normalize(m v_i + (1 - m) v) (m = `bank_momentum`).
-With `bank_init = "first-visit"` an entry starts as the first feature computed for its image instead of a
-random vector: the paper's random start costs nothing over 200 epochs, but in a run of a few epochs the whole
-first epoch would pull each image towards a random target.
+With `instdisc.bank_init = "first-visit"` an entry starts as the first feature computed for its image
+instead of a random vector: the paper's random start costs nothing over 200 epochs, but in a run of a few
+epochs the whole first epoch would pull each image towards a random target.
 The paper draws one augmented view per image: only the first view is used.
 
-The trainer sets `num_images` (the training set size, for the bank) and `batch_indices` (the rows of the
-batch in the training set) on the method before each forward.
+The step context gives the training set size (for the bank) and the rows of the batch in the training set.
 """
 
 from __future__ import annotations
@@ -22,28 +21,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sslab.config import TrialConfig
-from sslab.errors import SslabError
 from sslab.losses import instdisc_nce_from_cosines, instdisc_partition_from_cosines
-from sslab.methods.base import Method, StepOutput, register
+from sslab.methods.base import Method, StepContext, StepOutput, register
 from sslab.models import Backbone, Head, build_head
+from sslab.settings import MethodSettings, Setting
 
 # Score against the whole bank while it has at most this many rows per noise draw (n <= 32 m, i.e. up to
 # 131,072 images at m = 4096); beyond, gather the drawn entries.
 _MATMUL_BANK_ROWS_PER_DRAW = 32
 
 
-@register
-class InstDisc(Method):
+class InstDiscSettings(MethodSettings):
     name = "instdisc"
     paper = "Wu et al. 2018, Unsupervised Feature Learning via Non-Parametric Instance Discrimination"
-    # 128-d output, m = 4096 noise samples and bank momentum 0.5 are TrialConfig's defaults, the paper's.
+    shared_defaults = {"head": 1, "lr": 0.03}  # 128-d output of one linear layer, as in the paper
+
+    temperature = Setting(0.07, "NCE temperature tau", "InstDisc", above=0)
+    negatives = Setting(4096, "noise samples m per positive", "InstDisc", minimum=1)
+    bank_momentum = Setting(0.5, "proximal update of the memory bank", "InstDisc", minimum=0, maximum=1)
     # first-visit: measured on 3,000 embedded images x 2 epochs, the random start ends 6 points below the
     # random-init probe.
-    defaults = {"head": 1, "temperature": 0.07, "lr": 0.03, "bank_init": "first-visit"}
+    bank_init = Setting(
+        "first-visit",
+        "memory bank at the start: random (the paper) | first-visit",
+        "measured here",
+        choices=("random", "first-visit"),
+    )
 
-    num_images: int | None = None
-    batch_indices: Tensor | None = None
 
+@register(InstDiscSettings)
+class InstDisc(Method):
     head: Head
     bank: Tensor  # (n, D) memory bank, one entry per training image
     z: Tensor  # () normaliser Z, 0 until estimated
@@ -61,19 +68,18 @@ class InstDisc(Method):
         self.register_buffer("visited", torch.zeros(0, dtype=torch.bool))  # (n,) entries written so far
         self._pending: tuple[Tensor, Tensor] | None = None
 
-    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
-        if self.num_images is None or self.batch_indices is None:
-            raise SslabError("instdisc needs num_images and batch_indices set by the trainer")
-        index = self.batch_indices  # (N,)
+    def forward(self, views: list[Tensor], labels: Tensor, step: StepContext) -> StepOutput:
+        s = self.settings
+        index = step.batch_indices  # (N,)
         v = F.normalize(self.head(self.backbone(views[0])), dim=1)  # (N, D)
-        if self.bank.shape[0] != self.num_images:
-            self.bank = F.normalize(torch.randn(self.num_images, v.shape[1], device=v.device), dim=1)
-            self.visited = torch.zeros(self.num_images, dtype=torch.bool, device=v.device)
-        if self.config.bank_init == "first-visit":
+        if self.bank.shape[0] != step.num_images:
+            self.bank = F.normalize(torch.randn(step.num_images, v.shape[1], device=v.device), dim=1)
+            self.visited = torch.zeros(step.num_images, dtype=torch.bool, device=v.device)
+        if s.bank_init == "first-visit":
             new = ~self.visited[index]  # (N,)
             self.bank[index[new]] = v.detach()[new].to(self.bank.dtype)
             self.visited[index] = True
-        n_data, m = self.bank.shape[0], self.config.negatives
+        n_data, m = self.bank.shape[0], s.negatives
         generator = torch.Generator(v.device).manual_seed(self.config.seed * 1_000_003 + int(self.steps))
         noise = torch.randint(n_data, (v.shape[0], m), device=v.device, generator=generator)  # P_n = 1/n
         with torch.autocast(v.device.type, enabled=False):  # cosines / 0.07 need more than bf16's 3 digits
@@ -81,9 +87,9 @@ class InstDisc(Method):
             noise_cosines = self.noise_cosines(v32, noise)  # (N, m)
             positive_cosines = (v32 * self.bank[index]).sum(dim=1)  # (N,)
         if self.z <= 0:
-            self.z.fill_(instdisc_partition_from_cosines(noise_cosines, n_data, self.config.temperature))
+            self.z.fill_(instdisc_partition_from_cosines(noise_cosines, n_data, s.temperature))
         loss = instdisc_nce_from_cosines(
-            positive_cosines, noise_cosines, n_data, float(self.z), self.config.temperature
+            positive_cosines, noise_cosines, n_data, float(self.z), s.temperature
         )
         self._pending = (index, v.detach())
         return StepOutput(loss=loss, embedding=v)
@@ -100,11 +106,11 @@ class InstDisc(Method):
         return torch.einsum("nd,nmd->nm", v, self.bank[noise])
 
     @torch.no_grad()
-    def after_step(self, progress: float) -> None:
+    def after_step(self, step: StepContext) -> None:
         if self._pending is None:
             return
         index, v = self._pending
-        m = self.config.bank_momentum
+        m = self.settings.bank_momentum
         self.bank[index] = F.normalize(m * self.bank[index] + (1 - m) * v.to(self.bank.dtype), dim=1)
         self.steps.add_(1)
         self._pending = None

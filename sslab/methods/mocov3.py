@@ -11,54 +11,69 @@ from torch import Tensor, nn
 
 from sslab.config import TrialConfig
 from sslab.losses import info_nce
-from sslab.methods.base import Method, StepOutput, concat_forward, register
+from sslab.methods.base import Method, StepContext, StepOutput, concat_forward, register
 from sslab.methods.momentum import ema_update, frozen_copy, momentum_at
 from sslab.models import Backbone, Head, build_head
+from sslab.settings import MethodSettings, Setting
 
 
-@register
-class MoCoV3(Method):
+class MoCoV3Settings(MethodSettings):
     name = "mocov3"
     paper = "Chen, Xie & He 2021, An Empirical Study of Training Self-Supervised Vision Transformers"
-    defaults = {
-        # base m 0.99 on the cosine schedule, 2-layer projector (its ResNet code): TrialConfig's defaults;
-        # SGD lr 0.5 instead of LARS, which at batch 256 barely learns in a few epochs (see byol.py)
-        "temperature": 0.2,  # 1.0 goes with batch 4096 for ResNets; 0.2 (its ViT value) at batch 256
-        "out_dim": 256,
-        "pred_lr_fixed": False,  # the predictor follows the schedule
-    }
+    # 2-layer projector (its ResNet code): TrialConfig's head; SGD lr 0.5 instead of LARS, which at batch 256
+    # barely learns in a few epochs (see byol.py)
+    shared_defaults = {"out_dim": 256}
 
+    temperature = Setting(
+        0.2, "InfoNCE temperature T", "its ViT value (1.0 goes with batch 4096 for ResNets)", above=0
+    )
+    ema = Setting(0.99, "base momentum m, raised to 1 on a cosine", "MoCo v3", minimum=0, maximum=1)
+    ema_cosine = Setting(True, "raise m to 1 on a cosine schedule", "MoCo v3")
+    predictor = Setting(True, "predictor MLP on the query branch", "MoCo v3")
+    pred_width = Setting(
+        512, "hidden width of the predictor", "scaled from 4096", minimum=1, needs="predictor"
+    )
+    pred_bn = Setting(True, "batch-norm in the predictor", "MoCo v3", needs="predictor")
+    pred_lr_fixed = Setting(
+        False,
+        "keep the predictor's learning rate constant",
+        "MoCo v3: it follows the schedule",
+        needs="predictor",
+    )
+
+
+@register(MoCoV3Settings)
+class MoCoV3(Method):
     head: Head
 
     def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
+        s = self.settings
         d, bn = config.out_dim, config.head_bn
         self.head = build_head(backbone.feature_dim, config.head, config.head_width, d, bn, last_bn=bn)
         self.predictor = (
-            build_head(d, 2, config.pred_width, d, config.pred_bn, last_bn=config.pred_bn)
-            if config.predictor
-            else None
+            build_head(d, 2, s.pred_width, d, s.pred_bn, last_bn=s.pred_bn) if s.predictor else None
         )
         self.momentum_backbone = frozen_copy(backbone)  # f_k
         self.momentum_head = frozen_copy(self.head)
 
-    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+    def forward(self, views: list[Tensor], labels: Tensor, step: StepContext) -> StepOutput:
         x1, x2 = views[:2]
         z1, z2 = concat_forward(lambda x: self.head(self.backbone(x)), [x1, x2])  # (N, d) each
         q1, q2 = concat_forward(self.predictor, [z1, z2]) if self.predictor else (z1, z2)  # queries
         with torch.no_grad():
             k1, k2 = concat_forward(lambda x: self.momentum_head(self.momentum_backbone(x)), [x1, x2])  # keys
-        k1, k2 = self.gather(k1), self.gather(k2)  # keys of the global batch (M, d)
-        t, offset = self.config.temperature, self.gather.offset(len(q1))  # q1[0]'s positive: row offset
+        k1, k2 = step.gather(k1), step.gather(k2)  # keys of the global batch (M, d)
+        t, offset = self.settings.temperature, step.gather.offset(len(q1))  # q1[0]'s positive: row offset
         loss = 2 * t * (info_nce(q1, k2, None, t, offset) + info_nce(q2, k1, None, t, offset))  # ctr + ctr
         return StepOutput(loss=loss, embedding=z1)
 
-    def after_step(self, progress: float) -> None:
-        m = momentum_at(self.config, progress)  # f_k = m f_k + (1 - m) f_q
-        ema_update(self.momentum_backbone, self.backbone, m)
+    def after_step(self, step: StepContext) -> None:
+        m = momentum_at(self.settings.ema, self.settings.ema_cosine, step.progress_after)
+        ema_update(self.momentum_backbone, self.backbone, m)  # f_k = m f_k + (1 - m) f_q
         ema_update(self.momentum_head, self.head, m)
 
     def fixed_lr_parameters(self) -> list[nn.Parameter]:
-        if self.predictor is None or not self.config.pred_lr_fixed:
+        if self.predictor is None or not self.settings.pred_lr_fixed:
             return []
         return list(self.predictor.parameters())

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslab.config import TrialConfig
 from sslab.losses import info_nce
 from sslab.methods.base import Gather
 
@@ -44,9 +43,9 @@ def cosine_momentum(tau_base: float, progress: float) -> float:
     return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
 
 
-def momentum_at(config: TrialConfig, progress: float) -> float:
+def momentum_at(ema: float, cosine: bool, progress: float) -> float:
     """The momentum tau after a fraction `progress` of training: constant `ema`, or cosine up to 1."""
-    return cosine_momentum(config.ema, progress) if config.ema_cosine else config.ema
+    return cosine_momentum(ema, progress) if cosine else ema
 
 
 class KeyQueue(nn.Module):
@@ -101,14 +100,23 @@ class MomentumContrast(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, head: nn.Module, out_dim: int, config: TrialConfig, shuffle_bn: bool
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        out_dim: int,
+        *,
+        queue_size: int,
+        temperature: float,
+        ema: float,
+        ema_cosine: bool,
+        shuffle_bn: bool,
     ) -> None:
         super().__init__()
-        self.config = config
+        self.temperature, self.ema, self.ema_cosine = temperature, ema, ema_cosine
         self.shuffle_bn = shuffle_bn
         self.backbone = frozen_copy(backbone)
         self.head = frozen_copy(head)
-        self.queue = KeyQueue(config.queue_size, out_dim) if config.queue_size > 0 else None
+        self.queue = KeyQueue(queue_size, out_dim) if queue_size > 0 else None
 
     @torch.no_grad()
     def encode_keys(self, x: Tensor) -> Tensor:
@@ -125,7 +133,7 @@ class MomentumContrast(nn.Module):
         q1, q2: (N, D) queries of the views x1, x2; `gather` collects keys over training processes.
         """
         k1, k2 = self.encode_keys(torch.cat([x1, x2])).chunk(2)  # (N, D) each
-        t = self.config.temperature
+        t = self.temperature
         if self.queue is None:  # in-batch negatives: every key of the global batch
             offset = gather.offset(len(q1))
             k1_all, k2_all = gather(k1), gather(k2)  # (M, D) each
@@ -136,6 +144,6 @@ class MomentumContrast(nn.Module):
 
     def update(self, backbone: nn.Module, head: nn.Module, progress: float) -> None:
         """Momentum update theta_k <- m theta_k + (1 - m) theta_q."""
-        tau = momentum_at(self.config, progress)
+        tau = momentum_at(self.ema, self.ema_cosine, progress)
         ema_update(self.backbone, backbone, tau)
         ema_update(self.head, head, tau)

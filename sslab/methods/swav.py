@@ -18,44 +18,59 @@ from torch import Tensor, nn
 
 from sslab.config import TrialConfig
 from sslab.losses import sinkhorn, swav_loss
-from sslab.methods.base import Method, StepOutput, concat_forward, register
+from sslab.methods.base import Method, StepContext, StepOutput, concat_forward, register
 from sslab.models import Backbone, Head, build_head
+from sslab.settings import MethodSettings, Setting
 
 
-@register
-class SwAV(Method):
+class SwAVSettings(MethodSettings):
     name = "swav"
     paper = "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"
     multicrop = True
-    defaults = {
-        # K = 3000 is for ImageNet's 1000 classes; CIFAR-10 benchmarks use 512 (lightly) to 3000
-        # (solo-learn). With a 10-class dataset and 256 images per step, 512 keeps every batch spread over
-        # a good share of the prototypes.
-        "prototypes": 512,
-        "temperature": 0.1,  # Sinkhorn epsilon 0.05 with 3 iterations: TrialConfig's defaults, the paper's
+    shared_defaults = {
         # 2x224 + 6x96 in the paper; two 3/7-size local crops add ~40% to a step of two global views.
         "local_crops": 2,
         "local_scale": "0.05-0.2",  # the paper's locals end where the global crops start (ours: 0.2)
     }
 
+    # K = 3000 is for ImageNet's 1000 classes; CIFAR-10 benchmarks use 512 (lightly) to 3000 (solo-learn).
+    # With a 10-class dataset and 256 images per step, 512 keeps every batch spread over many prototypes.
+    prototypes = Setting(512, "number of prototypes K", "lightly's CIFAR-10 value", minimum=1)
+    temperature = Setting(0.1, "softmax temperature of the swapped prediction", "SwAV", above=0)
+    sinkhorn_eps = Setting(
+        0.05, "entropy regularisation epsilon of the Sinkhorn-Knopp codes", "SwAV", above=0
+    )
+    sinkhorn_iters = Setting(3, "Sinkhorn-Knopp iterations", "SwAV", minimum=1)
+    freeze_prototypes = Setting(1.0, "epochs during which the prototypes are not updated", "SwAV", minimum=0)
+    queue_size = Setting(
+        0,
+        "queue of past features per global crop, joined to the batch for the codes",
+        "SwAV Sec. 4.1",
+        minimum=0,
+    )
+
+
+@register(SwAVSettings)
+class SwAV(Method):
     head: Head
     queue_filled: Tensor  # () rows of the queue written, registered with the queue
 
     def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
+        s = self.settings
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn
         )
         d = self.head.out_dim
-        self.prototypes = nn.Parameter(F.normalize(torch.randn(config.prototypes, d), dim=1))  # C (K, D)
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(s.prototypes, d), dim=1))  # C (K, D)
         self.queue: Tensor | None
-        if config.queue_size > 0:
-            self.register_buffer("queue", torch.zeros(2, config.queue_size, d))  # past z of crops 1, 2
+        if s.queue_size > 0:
+            self.register_buffer("queue", torch.zeros(2, s.queue_size, d))  # past z of crops 1, 2
             self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # rows written
         else:
             self.queue = None
 
-    def forward(self, views: list[Tensor], labels: Tensor) -> StepOutput:
+    def forward(self, views: list[Tensor], labels: Tensor, step: StepContext) -> StepOutput:
         # The backbone sees each resolution as one batch; the head sees all crops at once, as in SwAV's code.
         h = concat_forward(self.backbone, views[:2])
         if len(views) > 2:
@@ -66,7 +81,7 @@ class SwAV(Method):
         codes = [self._codes(s, z_crops[s_id], s_id) for s_id, s in enumerate(scores[:2])]  # 2 x (N, K)
         if self.queue is not None:
             self.queue_filled.add_(views[0].shape[0]).clamp_(max=self.queue.shape[1])
-        loss = swav_loss(scores, codes, self.config.temperature)
+        loss = swav_loss(scores, codes, self.settings.temperature)
         return StepOutput(loss=loss, embedding=z_crops[0])
 
     @torch.no_grad()
@@ -81,12 +96,12 @@ class SwAV(Method):
                     [(queue @ self.prototypes.detach().T).to(scores.dtype), scores]
                 )  # (Q + N, K)
             self.queue[crop] = torch.cat([z.detach().to(queue.dtype), queue])[: queue.shape[0]]
-        return sinkhorn(scores, self.config.sinkhorn_eps, self.config.sinkhorn_iters)[-n:]
+        return sinkhorn(scores, self.settings.sinkhorn_eps, self.settings.sinkhorn_iters)[-n:]
 
-    def before_optimizer_step(self, progress: float) -> None:
-        if progress * self.config.epochs < self.config.freeze_prototypes:
+    def before_optimizer_step(self, step: StepContext) -> None:
+        if step.epochs_done < self.settings.freeze_prototypes:
             self.prototypes.grad = None  # frozen prototypes: no update, momentum or weight decay
 
     @torch.no_grad()
-    def after_step(self, progress: float) -> None:
+    def after_step(self, step: StepContext) -> None:
         self.prototypes.copy_(F.normalize(self.prototypes, dim=1))

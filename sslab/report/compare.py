@@ -1,12 +1,13 @@
-"""Methods compared on one matched budget: run what is missing, then mean ± std per method, paired
-differences over seeds with a 95% confidence interval and a paired t-test, and learning curves."""
+"""A comparison's results (the method x seed study `sslab compare` runs), read from the store: mean ± std
+per method, paired differences over seeds with a 95% confidence interval and a paired t-test, learning curves.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,15 @@ from matplotlib.ticker import MaxNLocator
 from rich import box
 from rich.table import Table
 
-from sslab.config import TrialConfig, coerce_value, from_mapping
-from sslab.errors import ConfigError, SslabError
-from sslab.report.data import describe, metric_scale, plain_value, t_two_sided_p
+from sslab.errors import SslabError
+from sslab.metrics import COLLAPSE_RATIO, KNN_TOP1, LINEAR_TOP1, LOSS
+from sslab.report.data import metric_scale, plain_value
 from sslab.report.figures import add_notes, new_figure, save_figure
+from sslab.report.stats import describe, paired_difference
 from sslab.store import Store
 
-BUDGET_FIELDS = ("dataset", "backbone", "epochs", "batch_size", "image_size", "train_subset")
-SET_BY_COMPARE = ("method", "seed")
-CURVE_METRICS = ("loss", "knn_top1", "collapse_ratio")  # per-epoch metrics drawn when recorded
-COMPARED_METRICS = ("linear_top1", "knn_top1")
+CURVE_METRICS = (LOSS.name, KNN_TOP1.name, COLLAPSE_RATIO.name)  # per-epoch metrics drawn when recorded
+COMPARED_METRICS = (LINEAR_TOP1.name, KNN_TOP1.name)
 
 
 @dataclass
@@ -35,120 +35,26 @@ class Comparison:
     study: str
     methods: list[str]
     seeds: list[int]
-    configs: dict[tuple[str, int], TrialConfig]
     frame: pd.DataFrame  # the comparison's trials (study_frame rows), any status
-    ran: int = 0
-    failures: list[str] = field(default_factory=list)
 
     @property
     def done(self) -> pd.DataFrame:
         return self.frame[self.frame["status"] == "done"]
 
 
-def study_name(methods: Sequence[str]) -> str:
-    return "compare-" + "-".join(methods)
-
-
-def compare_configs(
-    methods: Sequence[str], seeds: Sequence[int], overrides: Mapping[str, Any]
-) -> dict[tuple[str, int], TrialConfig]:
-    """One config per method x seed; the budget fields are equal for every method, whatever its defaults."""
-    from sslab.methods import METHODS
-    from sslab.runner import preflight
-
-    if len(methods) < 2:
-        raise ConfigError("compare needs two or more methods, e.g. `sslab compare simclr byol`")
-    if len(set(methods)) < len(methods):
-        raise ConfigError(f"a method is named twice: {' '.join(methods)}")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; valid methods: {', '.join(METHODS)}")
-    if not seeds:
-        raise ConfigError("--seeds must be at least 1")
-    fixed = [k for k in SET_BY_COMPARE if k in overrides]
-    if fixed:
-        raise ConfigError(
-            f"{', '.join(fixed)} cannot be set: compare varies them (name methods, use --seeds)"
-        )
-    budget = {name: overrides.get(name, getattr(TrialConfig, name)) for name in BUDGET_FIELDS}
-    configs = {}
-    for method in methods:
-        for seed in seeds:
-            config = from_mapping({**overrides, **budget, "method": method, "seed": seed}, source="compare")
-            preflight(config)
-            configs[(method, seed)] = config
-    return configs
-
-
-def run_compare(
-    store: Store,
-    methods: Sequence[str],
-    seeds: int = 3,
-    overrides: Mapping[str, Any] | None = None,
-    run: bool = True,
-    study: str | None = None,
-    before_trial: Callable[[str, int, TrialConfig], Any] | None = None,
-) -> Comparison:
-    """Record the comparison as a study (axes method and seed), train its missing trials unless `run` is
-    False, and return its trials. A trial that fails (e.g. a non-finite loss) is recorded and reported; the
-    others still run."""
-    from sslab.runner import run_trial
-    from sslab.train import TrialFailed
-
-    overrides = {k: coerce_value(k, v) for k, v in (overrides or {}).items()}
-    seed_list = list(range(seeds))
-    configs = compare_configs(methods, seed_list, overrides)
-    name = study or study_name(methods)
-    _check_same_budget(store, name, overrides)
-    if not run and not any(_is_done(store, c) for c in configs.values()):
-        raise SslabError(f"none of the {len(configs)} trials of {name} has finished; run it without --no-run")
-    spec = {"kind": "compare", "methods": list(methods), "seeds": seed_list, "set": overrides}
-    store.register_study(name, spec)
-    for (method, seed), config in configs.items():
-        store.add_study_trial(name, config.hash(), {"method": method, "seed": seed})
-    ran, failures = 0, []
-    for (method, seed), config in configs.items():
-        if not run or _is_done(store, config):
-            continue
-        if before_trial is not None:
-            before_trial(method, seed, config)
-        ran += 1
-        try:
-            run_trial(config, store)
-        except TrialFailed as exc:
-            failures.append(f"{method} seed {seed}: {exc}")
-        except SslabError:
-            raise
-        except Exception as exc:  # recorded as failed by run_trial; the other trials still run
-            failures.append(
-                f"{method} seed {seed}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            )
-    frame = store.study_frame(name)
-    frame = frame[frame["hash"].isin({c.hash() for c in configs.values()})].reset_index(drop=True)
-    comparison = Comparison(name, list(methods), seed_list, configs, frame, ran, failures)
+def load_comparison(store: Store, study: str) -> Comparison:
+    """The recorded comparison `study`; an error when none of its trials has finished."""
+    row = store.study(study)
+    if row is None:
+        raise SslabError(f"no comparison named '{study}' in {store.url}; run `sslab compare` first")
+    spec = json.loads(row.spec_json)
+    methods = list(spec.get("axes", {}).get("method", []))
+    seeds = list(spec.get("seeds", []))
+    frame = store.study_frame(study)
+    comparison = Comparison(study, methods, seeds, frame)
     if comparison.done.empty:
-        raise SslabError(f"none of the {len(configs)} trials of {name} has finished: {'; '.join(failures)}")
+        raise SslabError(f"none of the {len(frame)} trials of {study} has finished")
     return comparison
-
-
-def _is_done(store: Store, config: TrialConfig) -> bool:
-    row = store.find(config.hash())
-    return row is not None and row.status == "done"
-
-
-def _check_same_budget(store: Store, name: str, overrides: Mapping[str, Any]) -> None:
-    for row in store.studies():
-        if row.name == name:
-            recorded = json.loads(row.spec_json).get("set", {})
-            if recorded != json.loads(json.dumps(dict(overrides))):
-                raise ConfigError(
-                    f"study {name} was recorded with --set {_assignments(recorded)}; repeat those settings "
-                    "or name a new study with --study NAME"
-                )
-
-
-def _assignments(values: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(values.items())) or "(none)"
 
 
 # --- numbers ----------------------------------------------------------------------------------------------
@@ -184,20 +90,6 @@ class PairedDifference:
     p: float
 
 
-def paired_difference(
-    a: Sequence[float], b: Sequence[float]
-) -> tuple[float, float, float, float, float, int]:
-    """(mean, ci_low, ci_high, t, two-sided p, n) of the paired differences a - b (NaN where undefined)."""
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean, std, n, half = describe(diffs)
-    if n < 2:
-        return mean, math.nan, math.nan, math.nan, math.nan, n
-    if std == 0:  # identical differences on every seed: t is 0 or infinite
-        return mean, mean, mean, 0.0 if mean == 0 else math.copysign(math.inf, mean), float(mean == 0), n
-    t = mean / (std / math.sqrt(n))
-    return mean, mean - half, mean + half, t, t_two_sided_p(t, n - 1), n
-
-
 def paired_differences(comparison: Comparison, metric: str) -> list[PairedDifference]:
     scale = metric_scale(metric)[0]
     done = comparison.done
@@ -223,7 +115,7 @@ def paired_differences(comparison: Comparison, metric: str) -> list[PairedDiffer
 
 
 def summary_table(comparison: Comparison) -> Table:
-    c = comparison.configs[(comparison.methods[0], comparison.seeds[0])]
+    c: Any = comparison.done.iloc[0]
     table = Table(
         title=f"{comparison.study}: {c.dataset} · {c.backbone} · {c.epochs} epochs · batch {c.batch_size}",
         caption="mean ± std over seeds; linear / kNN: test top-1 accuracy in %; wall time in seconds",

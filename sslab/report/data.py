@@ -11,16 +11,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sslab.config import FIELD_NAMES, TrialConfig
+from sslab import metrics
+from sslab.config import TrialConfig, is_known_key
 from sslab.errors import ConfigError, SslabError
+from sslab.report.stats import describe
 from sslab.store import Store
 
 AXIS = "axis."
 SEED = "seed"
 OP_ORDER = ("crop", "cutout", "color", "sobel", "noise", "blur", "rotate")  # SimCLR Fig. 5
-NOT_METRICS = frozenset(
-    {"id", "hash", "status", "collapsed", "reason", "wall_time_s", "device", "finished_at"}
-)
 STAT_COLUMNS = ("mean", "std", "count", "ci95")
 INT_COLUMNS = {"id"} | {
     name for name, kind in typing.get_type_hints(TrialConfig).items() if int in (kind, *typing.get_args(kind))
@@ -70,7 +69,7 @@ def column_for(frame: pd.DataFrame, name: str) -> str:
     if f"{AXIS}{name}" in frame.columns:
         return f"{AXIS}{name}"
     field = name.replace("-", "_")
-    if field in FIELD_NAMES and field in frame.columns:
+    if is_known_key(field) and field in frame.columns:
         return field
     axes = ", ".join(axis_names(frame, with_seed=True)) or "none"
     raise ConfigError(f"unknown axis '{name}'; the study's axes are: {axes} (or any config field)")
@@ -85,7 +84,7 @@ def metric_names(frame: pd.DataFrame) -> list[str]:
     done = frame[frame["status"] == "done"]
     names = []
     for column in done.columns:
-        if column in NOT_METRICS or column in FIELD_NAMES or str(column).startswith(AXIS):
+        if not metrics.is_metric(str(column)):
             continue
         values = pd.to_numeric(done[column], errors="coerce")
         if values.notna().any():
@@ -101,7 +100,7 @@ def check_metric(frame: pd.DataFrame, metric: str) -> None:
 
 def metric_scale(metric: str) -> tuple[float, str]:
     """Accuracies are shown in percent, as in the papers; everything else as stored."""
-    return (100.0, "%") if "top1" in metric else (1.0, "")
+    return metrics.scale(metric)
 
 
 def baseline_value(frame: pd.DataFrame, metric: str) -> float | None:
@@ -186,66 +185,6 @@ def check_single_valued(frame: pd.DataFrame, used: Iterable[str]) -> None:
             raise ConfigError(
                 f"the study also varies '{name}' ({shown}); choose one with --where {name}=VALUE"
             )
-
-
-def t_quantile(q: float, df: int) -> float:
-    """Quantile of Student's t distribution with `df` degrees of freedom (q in (0.5, 1)), by bisection."""
-    tail = 2.0 * (1.0 - q)
-    low, high = 0.0, 1.0
-    while t_two_sided_p(high, df) > tail:
-        high *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (low + high)
-        low, high = (mid, high) if t_two_sided_p(mid, df) > tail else (low, mid)
-    return 0.5 * (low + high)
-
-
-def t_two_sided_p(t: float, df: int) -> float:
-    """P(|T| >= |t|) for Student's t: the regularised incomplete beta I_{df/(df+t^2)}(df/2, 1/2)."""
-    if math.isinf(t):
-        return 0.0
-    return _betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) by its continued fraction (Numerical Recipes, betacf)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only on this side
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 300):
-        for numerator in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return math.exp(log_front) * result / a
-
-
-def describe(values: Sequence[float]) -> tuple[float, float, int, float]:
-    """(mean, sample std, count, half-width of the 95% t confidence interval); NaN where undefined."""
-    array = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    n = int(array.size)
-    if n == 0:
-        return math.nan, math.nan, 0, math.nan
-    mean = float(array.mean())
-    if n == 1:
-        return mean, math.nan, 1, math.nan
-    std = float(array.std(ddof=1))
-    return mean, std, n, t_quantile(0.975, n - 1) * std / math.sqrt(n)
 
 
 def summarize(frame: pd.DataFrame, by: Sequence[str], metric: str, scale: float = 1.0) -> pd.DataFrame:

@@ -13,11 +13,11 @@ every field left unset. Augmentation protocols (SimCLR Fig. 5) turn the `first`/
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sslab.config import TrialConfig, from_mapping
+from sslab.config import FIELD_NAMES, TrialConfig, from_mapping, setting_owners
 from sslab.errors import ConfigError
 from sslab.study.spec import OP_AXES, VIEW_FIELDS, Axis, Problems, StudySpec
 
@@ -107,15 +107,26 @@ def trial_fields(spec: StudySpec, axes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_config(spec: StudySpec, axes: Mapping[str, Any], overrides: Mapping[str, Any]) -> TrialConfig:
-    from sslab.runner import preflight  # torch-heavy: import when configs are built
-
+    """The cell's config through the one front door; settings of methods other than the cell's are skipped
+    (a study whose cells differ in method may set each method's own), `unused_settings` reports the rest."""
     where = ", ".join(f"{k}={v}" for k, v in axes.items())
-    config = from_mapping({**spec.base, **trial_fields(spec, axes), **overrides}, source=where)
-    try:
-        preflight(config)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return config
+    values = {**spec.base, **trial_fields(spec, axes), **overrides}
+    return from_mapping(values, source=where, other_methods="ignore")
+
+
+def unused_settings(spec: StudySpec, overrides: Mapping[str, Any], cells: Sequence[Cell]) -> list[str]:
+    """Method settings set by the base or --set that no cell's method reads (a typo or a wrong method)."""
+    used_methods = {cell.config.method for cell in cells}
+    problems = []
+    for key in [*spec.base, *overrides]:
+        key = key.replace("-", "_")
+        if key in FIELD_NAMES:
+            continue
+        owner, dot, name = key.partition(".")
+        owners = [owner] if dot else setting_owners(key)
+        if not used_methods & set(owners):
+            problems.append(f"{key} is a setting of {', '.join(owners)}, and no trial of this study uses it")
+    return problems
 
 
 def is_excluded(spec: StudySpec, axes: Mapping[str, Any]) -> bool:
@@ -159,7 +170,7 @@ def make_plan(
             problems.add(f"--set {key}", "is set by the study's axes, seeds or protocol")
     base_parts: set[str] = set()
     try:
-        from_mapping({**spec.base, **overrides}, source="base")
+        from_mapping({**spec.base, **overrides}, source="base", other_methods="ignore")
     except ConfigError as exc:
         problems.add("base", str(exc).removeprefix("base: "))
         base_parts = set(str(exc).removeprefix("base: ").split("; "))
@@ -198,5 +209,7 @@ def make_plan(
         cells.append(cell)
     if not cells and not problems.items:
         problems.add("exclude", "excludes every combination of the axes")
+    for problem in unused_settings(spec, overrides, cells):
+        problems.add("settings", problem)
     problems.raise_if_any()
     return StudyPlan(spec, name or spec.name, overrides, tuple(cells), excluded)

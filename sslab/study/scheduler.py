@@ -12,12 +12,11 @@ import queue
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
-import pandas as pd
 from rich.console import Console
 
 from sslab.errors import ConfigError, SslabError
@@ -25,7 +24,8 @@ from sslab.runner import DEFAULT_CHECKPOINT_DIR, run_trial
 from sslab.store import Store
 from sslab.study.expand import StudyPlan
 from sslab.study.progress import Event, StudyDisplay, WorkerStopped
-from sslab.study.worker import TERMINAL, Worker, WorkerOptions, open_study
+from sslab.study.status import TERMINAL, StudyResult, summarise
+from sslab.study.worker import Worker, WorkerOptions, open_study, optuna_storage
 
 # Changing these changes what the study's trials mean: a study recorded with others needs --name or --replace.
 IDENTITY = ("base", "set", "protocol", "ops", "metric", "direction")
@@ -38,19 +38,12 @@ class RunOptions:
     heartbeat_timeout: float = 60.0
     replace: bool = False  # re-point a recorded study at a changed base config
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
+    name_option: str = "--name"  # how the command that runs the study spells its name option (for errors)
 
 
-@dataclass
-class StudyResult:
-    name: str
-    total: int
-    counts: dict[str, int]
-    trained: int
-    seconds: float
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (trial, reason)
-
-
-def prepare(plan: StudyPlan, store: Store, replace_recorded: bool = False) -> StudyPlan:
+def prepare(
+    plan: StudyPlan, store: Store, replace_recorded: bool = False, name_option: str = "--name"
+) -> StudyPlan:
     """Record the study and its grid in the store and create its Optuna study; check that a study recorded
     under the same name means the same thing (more seeds or axis values are fine). Returns the plan with the
     name of its Optuna study: a new version whenever the search space changed, since Optuna's distributions
@@ -61,15 +54,16 @@ def prepare(plan: StudyPlan, store: Store, replace_recorded: bool = False) -> St
     if existing is not None:
         old = json.loads(existing.spec_json)
         if old.get("kind") != "study":
-            raise ConfigError(f"'{plan.name}' is a {old.get('kind', 'different')} record; pass --name NAME")
+            kind = old.get("kind", "different")
+            raise ConfigError(f"'{plan.name}' is a {kind} record; pass {name_option} NAME")
         record = json.loads(json.dumps(plan.record()))
         changed = [key for key in IDENTITY if old.get(key) != record.get(key)]
         if changed and not replace_recorded:
             details = "; ".join(f"{key}: {old.get(key)} -> {record.get(key)}" for key in changed)
             raise ConfigError(
                 f"study '{plan.name}' is recorded in {store.url} with a different {', '.join(changed)} "
-                f"({details}); store this run under another name with --name NAME, or pass --replace to "
-                "re-point the study at the new settings (finished trials stay in the store)"
+                f"({details}); store this run under another name with {name_option} NAME, or pass --replace "
+                "to re-point the study at the new settings (finished trials stay in the store)"
             )
         version = int(old.get("optuna_version", 1))
         optuna_name = old.get("optuna_study", plan.name)
@@ -84,7 +78,7 @@ def prepare(plan: StudyPlan, store: Store, replace_recorded: bool = False) -> St
     store.register_study(plan.name, {**plan.record(), "search_space": space, "optuna_version": version})
     for cell in plan.cells:
         store.add_study_trial(plan.name, cell.hash, cell.axes)
-    open_study(plan, store.url)
+    open_study(plan, optuna_storage(store.url))
     return plan
 
 
@@ -178,7 +172,7 @@ def run_study(
     """Run every trial of the study that is not done yet; returns how the study stands afterwards."""
     console = console or Console(stderr=True)
     store = Store(url)
-    plan = prepare(plan, store, options.replace)
+    plan = prepare(plan, store, options.replace, options.name_option)
     devices, threads = assign_devices(options)
     started = time.perf_counter()
     display = StudyDisplay(console, plan.name, plan.total, len(devices))
@@ -257,107 +251,3 @@ def _run_processes(
     if all(p.exitcode for p in processes) and not errors:
         errors.append("every worker stopped before the study finished; run it again to continue")
     return errors, trained
-
-
-# --- where a study stands --------------------------------------------------------------------------------
-
-
-def study_frame(store: Store, name: str) -> pd.DataFrame:
-    return store.study_frame(name)
-
-
-def summarise(plan: StudyPlan, store: Store, seconds: float, trained: int) -> StudyResult:
-    frame = store.study_frame(plan.name)
-    counts = {str(k): int(v) for k, v in frame["status"].value_counts().items()} if not frame.empty else {}
-    total = len(frame) if plan.is_grid else int(plan.spec.n_trials or 0)
-    if not plan.is_grid:
-        trained_total = sum(counts.get(s, 0) for s in TERMINAL)
-        counts["pending"] = max(0, total - trained_total)
-    failures = []
-    if not frame.empty:
-        axes = [c for c in frame.columns if str(c).startswith("axis.")]
-        for _, row in frame[frame["status"] == "failed"].iterrows():
-            label = " ".join(f"{c[5:]}={row[c]}" for c in axes)
-            failures.append((label, str(row.get("reason") or "")))
-    return StudyResult(plan.name, total, counts, trained, seconds, failures)
-
-
-@dataclass(frozen=True)
-class StudyStatus:
-    name: str
-    record: dict[str, Any]
-    frame: pd.DataFrame
-    counts: dict[str, int]
-    workers: list[tuple[str, str | None, float]]  # (worker, trial hash, seconds since its heartbeat)
-
-
-def study_status(store: Store, name: str) -> StudyStatus:
-    row = store.study(name)
-    if row is None:
-        names = [s.name for s in store.studies()]
-        known = ", ".join(names) if names else "none yet"
-        raise SslabError(f"no study '{name}' in {store.url}; recorded studies: {known}")
-    frame = store.study_frame(name)
-    counts = {str(k): int(v) for k, v in frame["status"].value_counts().items()} if not frame.empty else {}
-    now = pd.Timestamp.utcnow().tz_localize(None)
-    workers = [
-        (w.id, w.config_hash, (now - pd.Timestamp(w.heartbeat_at)).total_seconds())
-        for w in store.workers(name)
-    ]
-    return StudyStatus(name, json.loads(row.spec_json), frame, counts, workers)
-
-
-def counts_by_study(store: Store) -> dict[str, dict[str, int]]:
-    result = {}
-    for row in store.studies():
-        frame = store.study_frame(row.name)
-        result[row.name] = (
-            {str(k): int(v) for k, v in frame["status"].value_counts().items()} if not frame.empty else {}
-        )
-    return result
-
-
-# --- time estimates ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Estimate:
-    seconds: float
-    basis: str  # where the throughput came from
-    remaining: int  # trials not finished yet
-
-
-def estimate(plan: StudyPlan, store: Store) -> Estimate | None:
-    """Time for the study's remaining trials from the throughput measured on finished trials in the store
-    (same backbone and dataset; same method and batch size where there are such trials)."""
-    from sslab.runner import prepare_dataset
-
-    frame = store.results_frame()
-    if frame.empty or "images_per_s" not in frame.columns:
-        return None
-    done = frame[(frame["status"] == "done") & frame["images_per_s"].notna()]
-    cells = list(plan.cells)
-    if not cells:
-        return None
-    statuses = store.statuses(c.hash for c in cells)
-    remaining = [c for c in cells if statuses.get(c.hash) not in TERMINAL]
-    sizes: dict[tuple[Any, ...], int] = {}
-    total, exact, used = 0.0, 0, 0
-    for cell in remaining:
-        config = cell.config
-        similar = done[(done["backbone"] == config.backbone) & (done["dataset"] == config.dataset)]
-        if similar.empty:
-            continue
-        same = similar[(similar["method"] == config.method) & (similar["batch_size"] == config.batch_size)]
-        exact += not same.empty
-        pick = same if not same.empty else similar
-        key = (config.dataset, config.data_dir, config.image_size, config.train_subset)
-        if key not in sizes:
-            sizes[key] = int(prepare_dataset(config).train_images.shape[0])
-        overhead = (pick["wall_time_s"] - pick["train_seconds"]).clip(lower=0).mean()
-        total += sizes[key] * config.epochs / float(pick["images_per_s"].mean()) + float(overhead)
-        used += 1
-    if used < len(remaining):
-        return None
-    basis = f"{len(done)} finished trial(s) in the store; {exact}/{len(remaining)} of same method and batch"
-    return Estimate(total, basis, len(remaining))

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from sslab.config import FIELD_NAMES, RUNTIME_FIELDS, load_toml
+from sslab.config import FIELD_NAMES, RUNTIME_FIELDS, flatten_keys, is_known_key, load_toml
 from sslab.errors import ConfigError
+from sslab.metrics import BASELINE_PREFIX, LINEAR_TOP1, epoch_metrics, lookup, objectives
 
 SAMPLERS = ("grid", "tpe", "random")
 Direction = Literal["maximize", "minimize"]
@@ -26,19 +27,7 @@ PROTOCOLS = ("asymmetric", "symmetric")
 OP_AXES = ("first", "second")  # augmentation axes: the studied op(s), in order
 DISTRIBUTIONS = ("int", "float", "log", "categorical")
 VIEW_FIELDS = ("aug", "aug1", "aug2")  # set by the protocol in augmentation studies
-# Per-epoch metrics a pruner can watch, with the direction in which they improve.
-EPOCH_METRICS = {
-    "knn_top1": "maximize",  # computed after each epoch only when a pruner asks for it
-    "loss": "minimize",
-    "collapse_ratio": "maximize",
-    "output_std": "maximize",
-    "lr": "maximize",
-    "images_per_s": "maximize",
-    "epoch_seconds": "minimize",
-}
-_METRIC = re.compile(
-    r"^(linear_top1|knn_top1|linear_val_top1)(_g\d+)?$|^(final_loss|collapse_ratio|images_per_s|train_seconds)$"
-)
+EPOCH_METRICS = epoch_metrics()  # per-epoch metrics a pruner can watch, with their direction
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _KEYS = (
     "name",
@@ -252,18 +241,23 @@ def parse_spec(data: Mapping[str, Any], path: str, problems: Problems | None = N
     sampler = _choice(data, "sampler", SAMPLERS, "grid", problems)
     direction = _choice(data, "direction", DIRECTIONS, "maximize", problems)
     protocol = _choice(data, "protocol", PROTOCOLS, None, problems)
-    metric = data.get("metric", "linear_top1")
-    if not isinstance(metric, str) or not _METRIC.match(metric):
-        problems.add("metric", f"unknown metric {metric!r}; e.g. linear_top1, knn_top1, linear_top1_g2")
-        metric = "linear_top1"
+    metric = data.get("metric", LINEAR_TOP1.name)
+    known = lookup(metric) if isinstance(metric, str) else None
+    if known is None or not known.final or metric.startswith(BASELINE_PREFIX):
+        examples = ", ".join(objectives())
+        problems.add(
+            "metric", f"unknown metric {metric!r}; final metrics: {examples} (and per layer, e.g. _g2)"
+        )
+        metric = LINEAR_TOP1.name
 
     base = data.get("base", {})
     if not isinstance(base, dict):
         problems.add("base", "must be a table of trial config fields")
         base = {}
+    base = flatten_keys(base)
     for key in base:
-        if key not in FIELD_NAMES:
-            problems.add(f"base.{key}", "unknown config field (see `sslab run --help`)")
+        if not is_known_key(key):
+            problems.add(f"base.{key}", "unknown config field (see `sslab run --help`, `sslab methods NAME`)")
     if protocol is not None:
         for key in VIEW_FIELDS:
             if key in base:
@@ -307,7 +301,7 @@ def parse_spec(data: Mapping[str, Any], path: str, problems: Problems | None = N
         name=name,
         description=description,
         path=path,
-        base={k: v for k, v in base.items() if k in FIELD_NAMES},  # unknown ones are reported above
+        base={k: v for k, v in base.items() if is_known_key(k)},  # unknown ones are reported above
         axes=tuple(axes),
         exclude=tuple(exclude),
         seeds=tuple(seeds),
@@ -392,7 +386,7 @@ def _parse_axes(raw: Any, problems: Problems) -> list[Axis]:
 def _check_field_axis(name: str, where: str, problems: Problems) -> bool:
     if name in OP_AXES:
         return True
-    if name not in FIELD_NAMES:
+    if not is_known_key(name):
         problems.add(where, "not a config field; name a field, or use labelled values to set fields")
         return False
     if name in RUNTIME_FIELDS:
@@ -418,10 +412,10 @@ def _labelled_axis(name: str, table: dict[str, Any], where: str, problems: Probl
         return None
     labels: dict[str, dict[str, Any]] = {}
     for label, fields in table.items():
-        for key in fields:
-            if key not in FIELD_NAMES:
+        for key in flatten_keys(fields):
+            if not is_known_key(key):
                 problems.add(f"{where}.{label}.{key}", "unknown config field")
-        labels[label] = dict(fields)
+        labels[label] = flatten_keys(fields)
     return Axis(name, "labels", tuple(labels), labels=labels)
 
 

@@ -1,11 +1,13 @@
 """A study worker: asks Optuna for the next trial, claims it in the results store, trains it, tells Optuna.
 
 Optuna chooses (GridSampler, TPE or random sampling), prunes (MedianPruner via `trial.report` /
-`should_prune`) and records every trial in its storage, which lives in the results store's database. The
-results store decides what still has to run: trials are identified by their config hash, a trial already done
-is never trained again (its stored value is told to Optuna), and a worker runs a trial only after claiming it
-atomically. Workers heartbeat; the claims of a worker that stopped (killed, machine lost) go stale after
-`heartbeat_timeout` and another worker takes the trial over, resuming it from its last epoch checkpoint.
+`should_prune`) and records every trial in its storage, which lives in the results store's database. Optuna's
+storage also keeps each running trial's heartbeat and fails the trials of a worker that stopped
+(`fail_stale_trials`); a search retries them (`RetryFailedTrialCallback`). What Optuna does not do is sslab's:
+trials are identified by their config hash, a trial already done is never trained again (its stored value is
+told to Optuna), and a worker runs a trial only after claiming its identity atomically in the results store.
+The claims of a worker that stopped (killed, machine lost) go stale after `heartbeat_timeout` and another
+worker takes the trial over, resuming it from its last epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import secrets
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,7 +36,8 @@ from sslab.config import TrialConfig
 from sslab.data import ImageDataset
 from sslab.errors import SslabError
 from sslab.evaluate import extract_features, knn_top1
-from sslab.methods import Method
+from sslab.methods.base import Method
+from sslab.metrics import KNN_TOP1
 from sslab.runner import DEFAULT_CHECKPOINT_DIR, prepare_dataset, provenance, run_trial
 from sslab.store import Store
 from sslab.study.expand import Cell, StudyPlan
@@ -45,9 +49,9 @@ from sslab.study.progress import (
     TrialStarted,
     Waiting,
 )
+from sslab.study.status import TERMINAL
 from sslab.train import EpochRecord, TrialFailed, channel_stats, resolve_device
 
-TERMINAL = ("done", "failed", "pruned")  # trial statuses that need no further run
 MAX_ATTEMPTS = 3  # a trial whose worker died this many times is recorded as failed
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -85,14 +89,29 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def optuna_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's storage in the results store's database (Optuna's tables sit beside sslab_*)."""
+def optuna_storage(
+    url: str, heartbeat_timeout: float | None = None, retry: bool = False
+) -> optuna.storages.RDBStorage:
+    """Optuna's storage in the results store's database (Optuna's tables sit beside sslab_*).
+
+    With `heartbeat_timeout`, running trials record heartbeats and a trial silent for that long is failed by
+    `fail_stale_trials`; with `retry`, a failed stale trial is asked again (a search; a grid finds its cell
+    unfinished in the results store instead)."""
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 60}
+    heartbeats: dict[str, Any] = {}
+    if heartbeat_timeout is not None:
+        heartbeats = {  # Optuna counts both in whole seconds
+            "heartbeat_interval": max(1, round(heartbeat_timeout / 6)),
+            "grace_period": max(2, math.ceil(heartbeat_timeout)),
+            "heartbeat_stale_trial_callback": optuna.storages.RetryFailedTrialCallback() if retry else None,
+        }
     for attempt in range(3):  # workers starting together may race to create the tables
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            with warnings.catch_warnings():  # Optuna calls its heartbeat options experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeats)
         except Exception:
             if attempt == 2:
                 raise
@@ -108,7 +127,7 @@ class GridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def open_study(plan: StudyPlan, url: str) -> optuna.Study:
+def open_study(plan: StudyPlan, storage: optuna.storages.RDBStorage) -> optuna.Study:
     spec = plan.spec
     if spec.sampler == "grid":
         sampler: optuna.samplers.BaseSampler = GridSampler(plan.grid_space(), seed=0)
@@ -123,7 +142,7 @@ def open_study(plan: StudyPlan, url: str) -> optuna.Study:
         )
     return optuna.create_study(
         study_name=plan.optuna_study,
-        storage=optuna_storage(url),
+        storage=storage,
         sampler=sampler,
         pruner=pruner,
         direction=spec.direction,
@@ -153,18 +172,27 @@ def epoch_knn(method: Method, config: TrialConfig, dataset: ImageDataset) -> flo
 
 
 class Heartbeat(threading.Thread):
-    """Marks the worker and its claims alive every `interval` seconds, whatever the main thread does."""
+    """Marks the worker, its claims and its running Optuna trial alive every `interval` seconds, whatever the
+    main thread does."""
 
-    def __init__(self, store: Store, worker: str, interval: float) -> None:
+    def __init__(
+        self, store: Store, worker: str, interval: float, storage: optuna.storages.RDBStorage
+    ) -> None:
         super().__init__(daemon=True, name="sslab-heartbeat")
-        self.store, self.worker, self.interval = store, worker, interval
-        self.current: str | None = None
+        self.store, self.worker, self.interval, self.storage = store, worker, interval, storage
+        self.current: str | None = None  # the config hash of the trial being run
+        self.optuna_trial: int | None = None  # its Optuna trial id
         self._stopping = threading.Event()
+
+    def beat(self) -> None:
+        with contextlib.suppress(Exception):  # a database hiccup: the next beat tries again
+            self.store.heartbeat(self.worker, self.current)
+            if self.optuna_trial is not None:
+                self.storage.record_heartbeat(self.optuna_trial)
 
     def run(self) -> None:
         while not self._stopping.wait(self.interval):
-            with contextlib.suppress(Exception):  # a database hiccup: the next beat tries again
-                self.store.heartbeat(self.worker, self.current)
+            self.beat()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -213,12 +241,14 @@ class Worker:
         self.trial_runner = trial_runner
         self.id = new_worker_id()
         self.host = socket.gethostname()
-        self.study = open_study(plan, store.url)
+        self.storage = optuna_storage(store.url, options.heartbeat_timeout, retry=not plan.is_grid)
+        self.study = open_study(plan, self.storage)
+        self.study_id = self.storage.get_study_id_from_name(plan.optuna_study)
         self.cells = {params_key(cell.axes): cell for cell in plan.cells}
         self.grid_size = math.prod(len(v) for v in plan.grid_space().values()) if plan.is_grid else 0
         self.datasets: dict[tuple[Any, ...], ImageDataset] = {}
         self.baselines: dict[tuple[Any, ...], dict[str, float]] = {}
-        self.heartbeat = Heartbeat(store, self.id, options.interval)
+        self.heartbeat = Heartbeat(store, self.id, options.interval, self.storage)
         self.trained = 0
         self._last_reap = -math.inf
 
@@ -237,7 +267,10 @@ class Worker:
                 if decision == "wait":
                     time.sleep(self.options.interval)
                     continue
-                self._handle(self.study.ask())
+                with warnings.catch_warnings():  # heartbeats are recorded by this worker's own thread
+                    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+                    trial = self.study.ask()
+                self._handle(trial)
         finally:
             self.heartbeat.stop()
             self.store.remove_worker(self.id)
@@ -276,9 +309,11 @@ class Worker:
 
     def _next_search(self) -> str:
         trials = self.study.get_trials(deepcopy=False)
+        retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+        retried |= {t.user_attrs.get("retry_of") for t in trials}
         settled = sum(
             t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            or (t.state == TrialState.FAIL and not t.user_attrs.get("retried"))
+            or (t.state == TrialState.FAIL and t.number not in retried)
             for t in trials
         )
         running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -299,40 +334,36 @@ class Worker:
         return {h for h, c in claims.items() if c.worker is not None and c.heartbeat_at >= cutoff}
 
     def _reap(self) -> None:
-        """Declare dead workers dead: on this host by their pid, elsewhere by their heartbeat; fail their
-        Optuna trials (a search queues them again; a grid finds them unfinished in the store)."""
+        """Declare dead workers dead: on this host by their pid, elsewhere by their heartbeat, so that their
+        claims are free; Optuna fails their silent trials (a search asks them again; a grid finds them
+        unfinished in the store)."""
         if time.monotonic() - self._last_reap < self.options.interval:
             return
         self._last_reap = time.monotonic()
         now = _now()
         cutoff = now - timedelta(seconds=self.options.heartbeat_timeout)
         recent = now - timedelta(seconds=2 * self.options.interval)
-        live = set()
+        dead = set()
         for worker in self.store.workers():
             if worker.id == self.id:
-                live.add(worker.id)
-            elif worker.host == self.host and not pid_alive(worker.pid) and worker.heartbeat_at < recent:
+                continue
+            if worker.host == self.host and not pid_alive(worker.pid) and worker.heartbeat_at < recent:
                 self.store.expire_worker(worker.id)  # its claims are free now, not after the timeout
                 self.store.remove_worker(worker.id)
-            elif worker.heartbeat_at >= cutoff:
-                live.add(worker.id)
-            else:
+                dead.add(worker.id)
+            elif worker.heartbeat_at < cutoff:
                 self.store.remove_worker(worker.id)
-        local_cutoff = datetime.now() - timedelta(seconds=self.options.heartbeat_timeout)
+                dead.add(worker.id)
+        # A worker known dead: its Optuna trial is failed now rather than after Optuna's grace period.
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner = trial.user_attrs.get("worker")
-            if owner in live or (owner is None and (trial.datetime_start or datetime.now()) > local_cutoff):
-                continue
-            storage = self.study._storage  # Optuna's public storage API, reached through the study
-            retry = not self.plan.is_grid and len(trial.params) == len(self.plan.spec.axes)
-            try:  # attributes first: a finished trial cannot be changed
-                storage.set_trial_user_attr(trial._trial_id, "failure", "its worker stopped (no heartbeat)")
-                storage.set_trial_user_attr(trial._trial_id, "retried", retry)
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except Exception:  # another worker failed it first
-                continue
-            if retry:  # a search asks for it again; a grid finds it unfinished in the store
-                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            if trial.user_attrs.get("worker") in dead:
+                with contextlib.suppress(Exception):  # another worker failed it first
+                    self.study.tell(trial.number, state=TrialState.FAIL)
+                    if not self.plan.is_grid:  # a search asks for it again; a grid finds it unfinished
+                        self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)  # silent trials, whoever ran them
 
     # --- one trial --------------------------------------------------------------------------------------
 
@@ -383,13 +414,17 @@ class Worker:
                 waited = True
             time.sleep(self.options.interval)  # another live worker runs it: take its result when done
         self.heartbeat.current = cell.hash
+        self.heartbeat.optuna_trial = self.storage.get_trial_id_from_study_id_trial_number(
+            self.study_id, trial.number
+        )
+        self.heartbeat.beat()
         try:
             if attempt > MAX_ATTEMPTS:
                 self._abandon(trial, cell, attempt)
             else:
                 self._train(trial, cell, attempt)
         finally:
-            self.heartbeat.current = None
+            self.heartbeat.current = self.heartbeat.optuna_trial = None
             self.store.release_trial(cell.hash, self.id)
 
     def _tell_recorded(self, trial: Trial, cell: Cell) -> None:
@@ -429,8 +464,8 @@ class Worker:
         sign = 1.0 if pruner.direction == self.plan.spec.direction else -1.0
 
         def hook(method: Method, record: EpochRecord, extra: dict[str, float]) -> None:
-            if pruner.metric == "knn_top1":
-                extra["knn_top1"] = epoch_knn(method, config, dataset)
+            if pruner.metric == KNN_TOP1.name:
+                extra[KNN_TOP1.name] = epoch_knn(method, config, dataset)
             value = {**record.metrics(), **extra}[pruner.metric]
             trial.report(sign * value, record.epoch)
             if trial.should_prune():
@@ -468,7 +503,6 @@ class Worker:
             return
         except KeyboardInterrupt:
             trial.set_user_attr("failure", "interrupted")
-            trial.set_user_attr("retried", not self.plan.is_grid)
             self.study.tell(trial, state=TrialState.FAIL)
             if not self.plan.is_grid:  # a search asks for it again; a grid finds it unfinished
                 self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})

@@ -1,0 +1,46 @@
+"""What every `sslab` command module shares: the consoles, the --db option and one-line error handling."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from sslab.errors import SslabError
+
+console = Console()
+err_console = Console(stderr=True)
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="results store URL (default $SSLAB_DB or sqlite:///results/sslab.db)"),
+]
+
+
+def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user-facing errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = command(*args, **kwargs)
+            for warning in caught:
+                if issubclass(warning.category, UserWarning) and warning.category.__module__.startswith(
+                    "sslab"
+                ):
+                    err_console.print(f"[yellow]warning:[/] {warning.message}")
+            return result
+        except SslabError as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper

@@ -1,0 +1,105 @@
+"""The one vocabulary of metric names: what each measures, which way is better, and when it is recorded.
+
+The runner and trainer record these names, the store keeps them as (name, value, epoch) rows, study files
+name them as objectives and pruning signals, and the reports show them. Probe metrics also exist per head
+layer (`linear_top1_g2`, `_z` for the head's output) and for the random-init backbone (`baseline_...`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Direction = Literal["maximize", "minimize"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    direction: Direction
+    doc: str
+    final: bool = True  # recorded once per trial (epoch None)
+    per_epoch: bool = False  # recorded after every epoch
+    layered: bool = False  # also recorded per head layer (_g1, _g2, ..., _z)
+    percent: bool = False  # an accuracy in [0, 1], shown in percent as in the papers
+
+
+LINEAR_TOP1 = Metric(
+    "linear_top1", "maximize", "linear-probe top-1 on the test set", layered=True, percent=True
+)
+LINEAR_VAL_TOP1 = Metric(
+    "linear_val_top1", "maximize", "linear-probe top-1 on the validation split", layered=True, percent=True
+)
+PROBE_WEIGHT_DECAY = Metric("probe_weight_decay", "minimize", "weight decay the probe chose", layered=True)
+KNN_TOP1 = Metric(
+    "knn_top1", "maximize", "weighted-kNN top-1 on the test set", per_epoch=True, layered=True, percent=True
+)
+LOSS = Metric("loss", "minimize", "mean training loss of the epoch", final=False, per_epoch=True)
+FINAL_LOSS = Metric("final_loss", "minimize", "mean training loss of the last epoch")
+OUTPUT_STD = Metric(
+    "output_std", "maximize", "std of the l2-normalised outputs over the batch", final=False, per_epoch=True
+)
+COLLAPSE_RATIO = Metric(
+    "collapse_ratio", "maximize", "output_std * sqrt(d): ~1 healthy, ~0 collapsed", per_epoch=True
+)
+LR = Metric("lr", "maximize", "learning rate at the end of the epoch", final=False, per_epoch=True)
+IMAGES_PER_S = Metric("images_per_s", "maximize", "training images per second", per_epoch=True)
+EPOCH_SECONDS = Metric("epoch_seconds", "minimize", "seconds the epoch took", final=False, per_epoch=True)
+TRAIN_SECONDS = Metric("train_seconds", "minimize", "seconds of pretraining")
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        LINEAR_TOP1,
+        LINEAR_VAL_TOP1,
+        PROBE_WEIGHT_DECAY,
+        KNN_TOP1,
+        LOSS,
+        FINAL_LOSS,
+        OUTPUT_STD,
+        COLLAPSE_RATIO,
+        LR,
+        IMAGES_PER_S,
+        EPOCH_SECONDS,
+        TRAIN_SECONDS,
+    )
+}
+BASELINE_PREFIX = "baseline_"  # the same probe on the untrained backbone
+_LAYER = re.compile(r"^(.*?)(_g\d+|_z)$")
+
+
+def layer_name(metric: Metric, layer: str) -> str:
+    """The name of a layered metric at one layer: `h` is the backbone (no suffix), else `g1`, ..., `z`."""
+    return metric.name if layer == "h" else f"{metric.name}_{layer}"
+
+
+def lookup(name: str) -> Metric | None:
+    """The vocabulary entry behind a recorded name (layer suffix and baseline prefix allowed), or None."""
+    base = name.removeprefix(BASELINE_PREFIX)
+    if base in METRICS:
+        return METRICS[base]
+    match = _LAYER.match(base)
+    if match and match[1] in METRICS and METRICS[match[1]].layered:
+        return METRICS[match[1]]
+    return None
+
+
+def is_metric(name: str) -> bool:
+    return lookup(name) is not None
+
+
+def objectives() -> list[str]:
+    """Final metrics a study may optimise (examples for error messages)."""
+    return [m.name for m in METRICS.values() if m.final]
+
+
+def epoch_metrics() -> dict[str, Direction]:
+    """Per-epoch metrics a pruner can watch, with the direction in which they improve."""
+    return {m.name: m.direction for m in METRICS.values() if m.per_epoch}
+
+
+def scale(name: str) -> tuple[float, str]:
+    """Accuracies are shown in percent, as in the papers; everything else as stored."""
+    metric = lookup(name)
+    return (100.0, "%") if metric is not None and metric.percent else (1.0, "")
