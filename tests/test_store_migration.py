@@ -88,3 +88,41 @@ def test_this_release_computes_the_numbers_the_old_one_recorded(tmp_path: Path, 
     for method in ("moco", "dino", "swav", "barlow", "instdisc", "byol"):
         for metric in ("linear_top1", "knn_top1"):
             assert fresh.loc[method, metric] == old[(method, metric)], (method, metric)
+
+
+def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postgres_url: str) -> None:
+    """The schema-0 fixture's trials copied into PostgreSQL, in the tables the old release created there."""
+    from sqlalchemy import MetaData, create_engine, insert, select, text
+
+    from sslab.store import Base
+
+    monkeypatch.chdir(tmp_path)
+    source = create_engine(f"sqlite:///{FIXTURE / 'store.db'}")
+    target = create_engine(postgres_url)
+    old_tables = [t for t in Base.metadata.sorted_tables if t.name != "sslab_meta"]
+    Base.metadata.create_all(target, tables=old_tables)
+    fixture = MetaData()
+    fixture.reflect(source, only=[t.name for t in old_tables])
+    with source.connect() as reading, target.begin() as writing:
+        writing.execute(text("ALTER TABLE sslab_trials DROP COLUMN duplicate_of"))  # added by schema 1
+        for table in old_tables:
+            rows = [dict(row._mapping) for row in reading.execute(select(fixture.tables[table.name]))]
+            if rows:
+                writing.execute(insert(fixture.tables[table.name]), rows)
+        for name in ("sslab_trials", "sslab_metrics", "sslab_study_trials"):  # ids were copied: move on
+            writing.execute(
+                text(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), (SELECT MAX(id) FROM {name}))")
+            )
+    source.dispose()
+    target.dispose()
+    with pytest.warns(StoreWarning, match="migrated from schema 0 to 1"):
+        store = Store(postgres_url)
+    frame = store.results_frame().set_index("id")
+    for (trial_id, metric), (_, method, value) in expected().items():
+        assert frame.loc[trial_id, "method"] == method and frame.loc[trial_id, metric] == pytest.approx(value)
+    plan = load_plan(str(FIXTURE / "study.toml"))
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a trial of the old study was trained again")
+
+    assert run_study(plan, postgres_url, RunOptions(), trial_runner=no_training).trained == 0

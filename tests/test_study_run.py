@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import secrets
 import signal
 import statistics
 import subprocess
@@ -17,7 +16,7 @@ import optuna
 import pytest
 import torch
 from rich.console import Console
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from sslab.errors import ConfigError
 from sslab.runner import TrialOutcome, build_model, evaluate, prepare_dataset, provenance, run_trial
@@ -309,22 +308,6 @@ def test_stopping_study_run_stops_its_workers(stop: int, tmp_path, monkeypatch) 
 def test_two_local_workers_one_killed_mid_trial_sqlite(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     _two_workers_one_killed(tmp_path, f"sqlite:///{tmp_path / 'r.db'}", separate_processes=False)
-
-
-@pytest.fixture
-def postgres_url() -> str:
-    """A fresh database on the server of SSLAB_TEST_POSTGRES_URL (.ci/run starts a throwaway one)."""
-    server = os.environ.get("SSLAB_TEST_POSTGRES_URL")
-    if not server:
-        pytest.skip("SSLAB_TEST_POSTGRES_URL is not set (.ci/run starts a throwaway PostgreSQL and sets it)")
-    name = f"sslab_test_{secrets.token_hex(4)}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    yield server.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
 
 
 def test_two_machines_one_killed_mid_trial_postgres(tmp_path, monkeypatch, postgres_url) -> None:

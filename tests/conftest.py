@@ -1,0 +1,26 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the server of SSLAB_TEST_POSTGRES_URL (.ci/run starts a throwaway one)."""
+    server = os.environ.get("SSLAB_TEST_POSTGRES_URL")
+    if not server:
+        pytest.skip("SSLAB_TEST_POSTGRES_URL is not set (.ci/run starts a throwaway PostgreSQL and sets it)")
+    name = f"sslab_test_{secrets.token_hex(4)}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    yield server.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as connection:
+        connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
