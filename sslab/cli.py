@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +30,26 @@ data_app = typer.Typer(
     help="Datasets: where they are looked for and whether they are present.", no_args_is_help=True
 )
 augment_app = typer.Typer(help="Augmentation ops that views are built from.", no_args_is_help=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        import sslab
+
+        console.print(f"sslab {sslab.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """sslab: self-supervised learning ablation studies on images."""
+
+
 app.add_typer(data_app, name="data")
 app.add_typer(augment_app, name="augment")
 app.add_typer(report_app, name="report")
@@ -81,8 +103,10 @@ def run(
     **options: Any,
 ) -> None:
     """Pretrain one configuration and evaluate it with a linear probe and kNN on frozen features."""
+    from sslab.claims import holding
     from sslab.progress import RichReporter
     from sslab.runner import run_trial
+    from sslab.signals import sigterm_as_interrupt
     from sslab.store import Store
 
     config = from_sources(config_file, sets, options)
@@ -93,7 +117,14 @@ def run(
             f"{config.epochs} epochs, batch {config.batch_size}"
         )
     reporter = None if quiet else RichReporter(err_console)
-    outcome = run_trial(config, store, force=force, resume=resume, reporter=reporter)
+    restore_sigterm = sigterm_as_interrupt()  # `kill`, `timeout`, a scheduler: recorded as interrupted
+    try:
+        # Under torchrun, the main process (rank 0) holds the trial for all of them.
+        claim = holding(store, config.hash()) if os.environ.get("RANK", "0") == "0" else nullcontext()
+        with claim:
+            outcome = run_trial(config, store, force=force, resume=resume, reporter=reporter)
+    finally:
+        restore_sigterm()
     if outcome.status == "cached":
         err_console.print(
             f"already done as trial {outcome.trial_id} in {store.url} (use --force to train it again)"

@@ -58,13 +58,13 @@ def _counts_text(counts: dict[str, int]) -> str:
 @handle_errors
 def study_list(db: DbOption = None) -> None:
     """Presets and files in studies/: trials, and done/running/failed from the results store."""
-    from sslab.store import Store, StoreError
+    from sslab.store import Store, StoreMissing
     from sslab.study import load_plan, study_files
     from sslab.study.status import counts_by_study
 
     try:
         recorded = counts_by_study(Store(db, create=False))
-    except StoreError:
+    except StoreMissing:  # no store yet: nothing recorded
         recorded = {}
     table = Table(show_header=True)
     table.add_column("study", no_wrap=True)
@@ -92,7 +92,7 @@ def study_show(
     db: DbOption = None,
 ) -> None:
     """Axes, trial count and the estimated time from throughput measured on finished trials."""
-    from sslab.store import Store, StoreError
+    from sslab.store import Store, StoreMissing
     from sslab.study import load_plan
     from sslab.study.progress import format_duration
     from sslab.study.status import estimate
@@ -133,7 +133,7 @@ def study_show(
         console.print("exclude: " + " ".join(f"{k} in {list(v)}" for k, v in entry.items()), highlight=False)
     try:
         store = Store(db, create=False)
-    except StoreError:
+    except StoreMissing:  # no store yet: nothing recorded
         console.print("estimated time: unknown (no results store yet to measure throughput from)")
         return
     guess = estimate(plan, store) if plan.is_grid else None

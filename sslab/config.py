@@ -346,14 +346,6 @@ def from_mapping(
     return config
 
 
-def validate(config: TrialConfig) -> TrialConfig:
-    """Check a config built elsewhere (e.g. unpickled); return it unchanged or raise ConfigError."""
-    problems = list(_problems(config, config.info))
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return config
-
-
 def _problems(config: TrialConfig, info: MethodInfo) -> Iterator[str]:
     for name, choices in _CHOICES.items():
         value = getattr(config, name)
@@ -432,6 +424,3 @@ def from_sources(
     values.update(parse_assignments(sets or []))
     values.update({k: v for k, v in (options or {}).items() if v is not None})
     return from_mapping(values, source=source)
-
-
-DEFAULT = from_mapping({})

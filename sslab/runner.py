@@ -69,7 +69,9 @@ def provenance(device: torch.device) -> Provenance:
     name = str(device)
     if device.type == "cuda":
         name = f"{device} ({torch.cuda.get_device_name(device)})"
-    return Provenance(name, torch.__version__, sslab.__version__, git_commit(), platform.node())
+    return Provenance(
+        name, torch.__version__, sslab.__version__, git_commit(), platform.node(), torch.get_num_threads()
+    )
 
 
 def balanced_subset(images: Tensor, labels: Tensor, count: int) -> tuple[Tensor, Tensor]:

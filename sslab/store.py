@@ -10,8 +10,11 @@ every trial keeps its full config, so its identity under the current rules can a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import sqlite3
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,22 +37,27 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    inspect,
     select,
     update,
 )
 from sqlalchemy.engine import CursorResult, Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sslab.config import TrialConfig
 from sslab.errors import SslabError
-from sslab.store_migrations import SCHEMA_VERSION, Migration, migrate
+from sslab.store_migrations import SCHEMA_VERSION, Migration, migrate, stored_version
 
 DEFAULT_DB = "sqlite:///results/sslab.db"
 
 
 class StoreError(SslabError):
     """The results store cannot be opened or written."""
+
+
+class StoreMissing(StoreError):
+    """There is no results store at the given path yet."""
 
 
 class StoreWarning(UserWarning):
@@ -85,6 +93,7 @@ class TrialRow(Base):
     # Set when a migration found this trial to be the same trial as another under the canonical identity:
     # the other holds the identity (`config_hash`), this one keeps its old hash and stays listed.
     duplicate_of: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    threads: Mapped[int | None] = mapped_column(Integer, nullable=True)  # torch CPU threads it ran with
 
     @property
     def config(self) -> dict[str, Any]:
@@ -169,54 +178,160 @@ class Provenance:
     sslab_version: str
     git_commit: str | None
     hostname: str
+    threads: int | None = (
+        None  # CPU threads of the float reductions: results are bit-equal only at equal ones
+    )
 
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+HEARTBEAT_TIMEOUT = 60.0  # seconds without a heartbeat after which a claim's holder is presumed dead
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_live(claim: ClaimRow | None, timeout: float = HEARTBEAT_TIMEOUT) -> bool:
+    """Whether a claim's holder (`host:pid:token`) is alive: a recent heartbeat and, on this host, a running
+    process."""
+    if claim is None or claim.worker is None or claim.heartbeat_at < _now() - timedelta(seconds=timeout):
+        return False
+    host, _, rest = claim.worker.partition(":")
+    pid = rest.partition(":")[0]
+    return host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid))
+
+
 def resolve_url(url: str | None) -> str:
     return url or os.environ.get("SSLAB_DB") or DEFAULT_DB
 
 
-def _enable_sqlite_wal(engine: Engine) -> None:
+def _has_table(connection: Any, name: str) -> bool:
+    return bool(inspect(connection).has_table(name))
+
+
+def _enable_sqlite_pragmas(engine: Engine, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        if wal:
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
 
+def damage(path: Path) -> str | None:
+    """What SQLite's quick check finds wrong with the store file (read without writing); None if sound."""
+    try:
+        with contextlib.closing(sqlite3.connect(_read_only_uri(path), uri=True, timeout=60)) as db:
+            found = [str(row[0]) for row in db.execute("PRAGMA quick_check(3)")]
+    except sqlite3.OperationalError:  # cannot be opened (or is busy) here: not a sign of damage
+        return None
+    except sqlite3.DatabaseError as exc:  # not a database at all, or its first page is damaged
+        return str(exc)
+    return None if found == ["ok"] else "; ".join(found)
+
+
+def _read_only_uri(path: Path) -> str:
+    """SQLite's read-only URI for the file; immutable where its WAL index cannot be opened (a read-only
+    folder without the -shm file), which reads the file alone."""
+    uri = f"file:{path.resolve()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "unable to open" in str(exc) or "readonly" in str(exc):
+            return uri + "&immutable=1"
+    except sqlite3.DatabaseError:
+        pass
+    return uri
+
+
+def damaged_message(path: Path, why: str) -> str:
+    return (
+        f"the results store {path} is damaged ({why.splitlines()[0]}); check it with "
+        f'sqlite3 {path} "PRAGMA integrity_check", restore a backup (sslab store backup) '
+        "or pass another --db"
+    )
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process can write the SQLite file and create its -wal/-shm files beside it."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
 class Store:
-    """Transactional access to trials and metrics."""
+    """Transactional access to trials and metrics.
+
+    A SQLite store that this process cannot write (a colleague's results on a read-only mount) is opened
+    read-only: everything that reads works; anything that writes fails with a one-line error.
+    """
 
     def __init__(self, url: str | None = None, create: bool = True) -> None:
         self.url = resolve_url(url)
+        self.read_only = False
         try:
             parsed = make_url(self.url)
         except ArgumentError:
             raise StoreError(
                 f"invalid database URL {self.url!r}; expected e.g. sqlite:///results/sslab.db"
             ) from None
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            path = Path(parsed.database)
-            if not create and not path.exists():
-                raise StoreError(f"no results store at {path}; run a trial first or pass --db")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create the folder for {path}: {exc.strerror}") from None
+        sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+        engine_url = self.url
+        if sqlite_file:
+            path = Path(str(parsed.database))
+            if path.exists():
+                why = damage(path)
+                if why is not None:
+                    raise StoreError(damaged_message(path, why))
+                if not _writable(path):
+                    self.read_only = True
+                    engine_url = f"sqlite:///{_read_only_uri(path)}&uri=true"
+            elif not create:
+                raise StoreMissing(f"no results store at {path}; run a trial first or pass --db")
+            else:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(f"cannot create the folder for {path}: {exc.strerror}") from None
         try:
-            self.engine = create_engine(self.url, future=True, pool_pre_ping=True)
+            self.engine = create_engine(engine_url, future=True, pool_pre_ping=True)
         except (ArgumentError, ImportError, SQLAlchemyError) as exc:
             raise StoreError(f"cannot open database {self.url!r}: {str(exc).splitlines()[0]}") from None
         if parsed.get_backend_name() == "sqlite":
-            _enable_sqlite_wal(self.engine)
+            _enable_sqlite_pragmas(self.engine, wal=not self.read_only)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.migration: Migration | None = None
+        if self.read_only:
+            self._check_readable()
+            return
         self._create_tables()
-        self.migration: Migration | None = self._migrate()
+        self.migration = self._migrate()
+
+    def _check_readable(self) -> None:
+        """A read-only store is used as it is: it must have a current schema (nothing can migrate it)."""
+        try:
+            with self.engine.connect() as connection:
+                version = stored_version(connection) if _has_table(connection, "sslab_meta") else None
+                if not _has_table(connection, "sslab_trials"):
+                    raise StoreError(f"{self.url} is read-only and holds no sslab results")
+        except SQLAlchemyError as exc:
+            first_line = str(exc.orig if hasattr(exc, "orig") else exc).splitlines()[0]
+            raise StoreError(f"cannot read the store {self.url}: {first_line}") from None
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"the read-only store {self.url} has schema {version or 0}, this release reads schema "
+                f"{SCHEMA_VERSION}: open it once where it is writable (or copy it) so that it migrates"
+            )
 
     def _migrate(self) -> Migration | None:
         """Bring an older store to SCHEMA_VERSION (once, whichever process gets there first)."""
@@ -252,9 +367,20 @@ class Store:
         try:
             yield session
             session.commit()
-        except OperationalError as exc:
+        except IntegrityError:  # a constraint the caller relies on (e.g. the unique claim): theirs to handle
             session.rollback()
-            raise StoreError(f"database error on {self.url}: {str(exc.orig).splitlines()[0]}") from None
+            raise
+        except DatabaseError as exc:
+            session.rollback()
+            message = str(exc.orig).splitlines()[0]
+            if self.read_only and "readonly" in message.replace("-", "").replace(" ", ""):
+                raise StoreError(
+                    f"the store {self.url} is read-only: this command would write to it"
+                ) from None
+            if "malformed" in message or "not a database" in message:
+                path = Path(str(make_url(self.url).database))
+                raise StoreError(damaged_message(path, message)) from None
+            raise StoreError(f"database error on {self.url}: {message}") from None
         except BaseException:
             session.rollback()
             raise
@@ -279,7 +405,7 @@ class Store:
             row.started_at, row.heartbeat_at, row.finished_at, row.wall_time_s = now, now, None, None
             row.device, row.torch_version = provenance.device, provenance.torch_version
             row.sslab_version, row.git_commit = provenance.sslab_version, provenance.git_commit
-            row.hostname = provenance.hostname
+            row.hostname, row.threads = provenance.hostname, provenance.threads
             session.flush()
             return row.id
 
@@ -506,17 +632,22 @@ class Store:
         by_trial: dict[int, dict[str, float]] = {}
         for trial_id, name, value in finals:
             by_trial.setdefault(trial_id, {})[name] = value
+        running = self.claims(t.config_hash for t in trials if t.status == "running")
         rows = []
         for trial in trials:
+            status = trial.status
+            if status == "running" and not is_live(running.get(trial.config_hash)):
+                status = "stale"  # left running by a process that stopped: resume it with --resume
             rows.append(
                 {
                     "id": trial.id,
                     "hash": trial.config_hash,
-                    "status": trial.status,
+                    "status": status,
                     "collapsed": trial.collapsed,
                     "reason": trial.reason,
                     "wall_time_s": trial.wall_time_s,
                     "device": trial.device,
+                    "threads": trial.threads,
                     "finished_at": trial.finished_at.isoformat() if trial.finished_at else None,
                     "duplicate_of": trial.duplicate_of,
                     **flat_record(trial.config),

@@ -5,6 +5,7 @@
 - Schema 1: trial identities are canonical (`TrialConfig.identity`): each trial's hash is recomputed from its
   stored config, study memberships and claims follow it, and trials that turn out to be one trial under the
   new rules are reported and kept apart (`duplicate_of`), never merged.
+- Schema 2: each trial records the CPU threads it ran with (`threads`; unknown for older trials).
 
 Migrations use plain SQL on one connection inside the caller's transaction, so that a failure leaves the store
 as it was; a lock taken first makes concurrent openers wait and then find the work done.
@@ -21,7 +22,7 @@ from sqlalchemy.engine import Connection
 
 from sslab.errors import ConfigError, SslabError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -78,22 +79,26 @@ def migrate(connection: Connection, target: int = SCHEMA_VERSION) -> Migration |
     result = Migration(version or 0, target)
     if result.from_version < 1:
         _canonical_identities(connection, result)
+    if result.from_version < 2:
+        _add_column(connection, "sslab_trials", "threads", "INTEGER")
     _set_version(connection, target)
-    result.notes.insert(
-        0,
-        f"results store migrated from schema {result.from_version} to {target}: "
-        f"{result.rehashed} trial(s) re-identified under the canonical trial identity",
-    )
+    summary = f"results store migrated from schema {result.from_version} to {target}"
+    if result.from_version < 1:
+        summary += f": {result.rehashed} trial(s) re-identified under the canonical trial identity"
+    result.notes.insert(0, summary)
     return result
+
+
+def _add_column(connection: Connection, table: str, column: str, kind: str) -> None:
+    if column not in {c["name"] for c in inspect(connection).get_columns(table)}:
+        connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
 
 
 def _canonical_identities(connection: Connection, result: Migration) -> None:
     """Schema 0 -> 1: recompute every trial's hash from its stored config."""
     from sslab.config import from_mapping
 
-    columns = {column["name"] for column in inspect(connection).get_columns("sslab_trials")}
-    if "duplicate_of" not in columns:
-        connection.execute(text("ALTER TABLE sslab_trials ADD COLUMN duplicate_of VARCHAR(32)"))
+    _add_column(connection, "sslab_trials", "duplicate_of", "VARCHAR(32)")
     rows = connection.execute(
         text("SELECT id, config_hash, config_json, status FROM sslab_trials ORDER BY id")
     ).all()

@@ -224,3 +224,10 @@ def test_commands_that_train_nothing_start_without_torch(command: list[str]) -> 
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_the_backbone_names_validated_are_the_ones_built() -> None:
+    from sslab.config import BACKBONES
+    from sslab.models import BACKBONES as BUILT
+
+    assert tuple(BUILT) == BACKBONES

@@ -37,7 +37,7 @@ def test_old_store_opens_with_the_same_trials_and_metrics(old_store: str) -> Non
     with pytest.warns(StoreWarning) as caught:
         store = Store(old_store)
     notes = [str(w.message) for w in caught]
-    assert "migrated from schema 0 to 1: 9 trial(s) re-identified" in notes[0]
+    assert "migrated from schema 0 to 2: 9 trial(s) re-identified" in notes[0]
     assert any("trials 9 and 10 are one trial" in note for note in notes)  # `color` and `color(s=1)`
     frame = store.results_frame().set_index("id")
     for (trial_id, metric), (_, method, value) in expected().items():
@@ -104,7 +104,8 @@ def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postg
     fixture = MetaData()
     fixture.reflect(source, only=[t.name for t in old_tables])
     with source.connect() as reading, target.begin() as writing:
-        writing.execute(text("ALTER TABLE sslab_trials DROP COLUMN duplicate_of"))  # added by schema 1
+        for column in ("duplicate_of", "threads"):  # added by schemas 1 and 2
+            writing.execute(text(f"ALTER TABLE sslab_trials DROP COLUMN {column}"))
         for table in old_tables:
             rows = [dict(row._mapping) for row in reading.execute(select(fixture.tables[table.name]))]
             if rows:
@@ -115,7 +116,7 @@ def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postg
             )
     source.dispose()
     target.dispose()
-    with pytest.warns(StoreWarning, match="migrated from schema 0 to 1"):
+    with pytest.warns(StoreWarning, match="migrated from schema 0 to 2"):
         store = Store(postgres_url)
     frame = store.results_frame().set_index("id")
     for (trial_id, metric), (_, method, value) in expected().items():

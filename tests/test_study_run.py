@@ -276,20 +276,29 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux /proc")
+@pytest.mark.parametrize("launcher", ["direct", "background"])
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
-def test_stopping_study_run_stops_its_workers(stop: int, tmp_path, monkeypatch) -> None:
+def test_stopping_study_run_stops_its_workers(stop: int, launcher: str, tmp_path, monkeypatch) -> None:
     """`kill` (SIGTERM) or `kill -9` of `study run --workers 2`: no worker trains on as an orphan, and the
-    running trial is recorded as interrupted, so that the next run resumes it at once."""
+    running trial is recorded as interrupted, so that the next run resumes it at once. `background`: started
+    with `&` from a non-interactive shell, which starts it with SIGINT ignored (as scripts and schedulers
+    do)."""
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'r.db'}"
     path = write_study(tmp_path, "[axes]\ntemperature = [0.2, 0.5, 1.0]", epochs=20)
     command = [SSLAB, "study", "run", path, "--db", url, "--workers", "2"]
+    if launcher == "background":
+        command = ["bash", "-c", '"$@" & wait $!', "bash", *command]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pid = None
     try:
         config_hash, pid = _wait_for_trained_epoch(url, time.monotonic() + 150, process)
-        process.send_signal(stop)
+        os.kill(_parent(pid), stop)  # the `study run` process, whichever way it was started
         output, _ = process.communicate(timeout=90)
         deadline = time.monotonic() + 60
         while _running(pid) and time.monotonic() < deadline:
@@ -300,8 +309,15 @@ def test_stopping_study_run_stops_its_workers(stop: int, tmp_path, monkeypatch) 
             process.kill()
         if pid is not None and _running(pid):
             os.kill(pid, signal.SIGKILL)
-    assert process.returncode == (130 if stop == signal.SIGTERM else -signal.SIGKILL), output
+    if launcher == "direct":
+        assert process.returncode == (130 if stop == signal.SIGTERM else -signal.SIGKILL), output
+    else:  # the shell reports its child's end: exit 130, or 128 + the signal that killed it
+        assert process.returncode == (130 if stop == signal.SIGTERM else 128 + signal.SIGKILL), output
+    deadline = time.monotonic() + 30  # a worker killed with its parent records its trial on the way out
     row = Store(url).find(config_hash)
+    while row is not None and row.status == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        row = Store(url).find(config_hash)
     assert row is not None and row.status == "interrupted"
 
 

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from sslab.errors import ConfigError, SslabError
 from sslab.runner import DEFAULT_CHECKPOINT_DIR, run_trial
+from sslab.signals import Terminated, interruptible, sigterm_as_interrupt
 from sslab.store import Store
 from sslab.study.expand import StudyPlan
 from sslab.study.progress import Event, StudyDisplay, WorkerStopped
@@ -39,6 +40,12 @@ class RunOptions:
     replace: bool = False  # re-point a recorded study at a changed base config
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
     name_option: str = "--name"  # how the command that runs the study spells its name option (for errors)
+
+    def __post_init__(self) -> None:  # before anything is recorded
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1 (got {self.workers})")
+        if self.heartbeat_timeout <= 0:
+            raise ConfigError(f"--heartbeat-timeout must be > 0 seconds (got {self.heartbeat_timeout})")
 
 
 def prepare(
@@ -93,9 +100,7 @@ def assign_devices(options: RunOptions) -> tuple[list[str | None], int | None]:
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     else:
         devices = [None]
-    workers = options.workers or (len(devices) if devices != [None] else 1)
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1 (got {workers})")
+    workers = options.workers if options.workers is not None else (len(devices) if devices != [None] else 1)
     assigned = [devices[i % len(devices)] for i in range(workers)]
     on_cpu = all(d is None or d == "cpu" for d in assigned)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -106,6 +111,10 @@ def assign_devices(options: RunOptions) -> tuple[list[str | None], int | None]:
 def _worker_main(plan: StudyPlan, url: str, options: WorkerOptions, events: Any) -> None:
     """Entry point of a local worker process."""
     import torch
+
+    # A shell starts background jobs with SIGINT ignored, and workers inherit that; SIGINT is what the parent
+    # sends them, and what the kernel sends when the parent dies.
+    interruptible()
 
     if options.threads is not None:
         torch.set_num_threads(options.threads)
@@ -141,27 +150,6 @@ def _interrupt_when_parent_dies() -> None:
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM to `study run`: stop like Ctrl-C, but the workers did not get the signal themselves."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated
-
-
-def _sigterm_as_interrupt() -> Callable[[], None]:
-    """Handle SIGTERM like Ctrl-C until the returned function is called (a no-op off the main thread)."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: signals are not ours to handle
-        return lambda: None
-
-    def restore() -> None:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-    return restore
-
-
 def run_study(
     plan: StudyPlan,
     url: str | None,
@@ -179,7 +167,7 @@ def run_study(
     base = WorkerOptions(options.heartbeat_timeout, None, threads, options.checkpoint_dir)
     errors: list[str] = []
     trained = 0
-    restore_sigterm = _sigterm_as_interrupt()
+    restore_sigterm = sigterm_as_interrupt()
     try:
         if len(devices) == 1:
             options_1 = replace(base, device=devices[0])
@@ -241,7 +229,7 @@ def _run_processes(
                 break
     except KeyboardInterrupt as exc:
         for process in processes:  # a Ctrl-C reaches them too; a SIGTERM is passed on
-            if isinstance(exc, _Terminated) and process.is_alive() and process.pid is not None:
+            if isinstance(exc, Terminated) and process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGINT)
         for process in processes:  # they record their trials as interrupted
             process.join(30)

@@ -13,14 +13,11 @@ worker takes the trial over, resuming it from its last epoch checkpoint.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import random
-import secrets
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -32,6 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import Trial, TrialState
 
+from sslab.claims import ClaimHeartbeat, new_worker_id, pid_alive
 from sslab.config import TrialConfig
 from sslab.data import ImageDataset
 from sslab.errors import SslabError
@@ -73,20 +71,6 @@ class WorkerOptions:
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def new_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def optuna_storage(
@@ -171,32 +155,21 @@ def epoch_knn(method: Method, config: TrialConfig, dataset: ImageDataset) -> flo
     )
 
 
-class Heartbeat(threading.Thread):
-    """Marks the worker, its claims and its running Optuna trial alive every `interval` seconds, whatever the
-    main thread does."""
+class Heartbeat(ClaimHeartbeat):
+    """Also marks the worker's running Optuna trial alive (Optuna's own heartbeat)."""
 
     def __init__(
         self, store: Store, worker: str, interval: float, storage: optuna.storages.RDBStorage
     ) -> None:
-        super().__init__(daemon=True, name="sslab-heartbeat")
-        self.store, self.worker, self.interval, self.storage = store, worker, interval, storage
-        self.current: str | None = None  # the config hash of the trial being run
-        self.optuna_trial: int | None = None  # its Optuna trial id
-        self._stopping = threading.Event()
+        super().__init__(store, worker, interval)
+        self.storage = storage
+        self.optuna_trial: int | None = None  # the Optuna trial id of the running trial
 
     def beat(self) -> None:
-        with contextlib.suppress(Exception):  # a database hiccup: the next beat tries again
-            self.store.heartbeat(self.worker, self.current)
+        super().beat()
+        with contextlib.suppress(Exception):
             if self.optuna_trial is not None:
                 self.storage.record_heartbeat(self.optuna_trial)
-
-    def run(self) -> None:
-        while not self._stopping.wait(self.interval):
-            self.beat()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.join(timeout=5)
 
 
 class StepReporter:
@@ -478,7 +451,7 @@ class Worker:
     def _train(self, trial: Trial, cell: Cell, attempt: int) -> None:
         config = cell.config
         if self.options.device is not None:
-            config = dataclasses.replace(config, device=self.options.device)
+            config = config.with_runtime(device=self.options.device)
         metric, index = self.plan.spec.metric, self.options.index
         dataset = self._dataset(config)
         self.emit(TrialStarted(index, cell.label, attempt))
