@@ -14,8 +14,9 @@ from rich.table import Table
 
 from sslab.cli_common import DbOption, console, err_console, handle_errors
 from sslab.cli_report import report_app
+from sslab.cli_store import store_app
 from sslab.cli_study import compare, study_app
-from sslab.config import FIELD_NAMES, TrialConfig, field_help, field_type, from_sources
+from sslab.config import FIELD_NAMES, SET_BY_SSLAB, TrialConfig, field_help, field_type, from_sources
 from sslab.errors import SslabError
 from sslab.methods.catalog import method_info, methods
 from sslab.settings import Setting
@@ -57,6 +58,12 @@ app.add_typer(report_app, name="report")
 # --- sslab run -------------------------------------------------------------------------------------------
 
 _OPTION_NAMES = {"aug1": "--aug1", "aug2": "--aug2"}
+_MORE_HELP = {
+    "dataset": (
+        ". imagefolder:PATH reads class subfolders; PATH/train/ and PATH/test/ subfolders are the splits, "
+        "otherwise 20% of each class (chosen by a hash of the file path) is held out for test"
+    )
+}
 
 
 def _option(name: str, kind: type, help_text: str, panel: str) -> inspect.Parameter:
@@ -74,9 +81,11 @@ def _run_parameters() -> list[inspect.Parameter]:
     help_texts = field_help()
     parameters = []
     for name in FIELD_NAMES:
+        if name in SET_BY_SSLAB:
+            continue
         kind = field_type(name)[0]
         default = TrialConfig.__dataclass_fields__[name].default
-        help_text = f"{help_texts.get(name, '')} \\[default: {default}]"
+        help_text = f"{help_texts.get(name, '')}{_MORE_HELP.get(name, '')} \\[default: {default}]"
         parameters.append(_option(name, kind, help_text, "Trial"))
     by_name: dict[str, list[tuple[str, Setting]]] = {}
     for method, info in methods().items():
@@ -209,11 +218,13 @@ _install_run_command()
 
 # --- sslab results ---------------------------------------------------------------------------------------
 
+FLOAT_FORMAT = "%.7g"  # metrics are float32: more digits would only show its rounding (0.77499998 for 0.775)
 SUMMARY_COLUMNS = [
     "id",
     "hash",
     "method",
     "dataset",
+    "data_fingerprint",
     "backbone",
     "epochs",
     "batch_size",
@@ -249,10 +260,12 @@ def results(
         raise SslabError("the results store has no trials yet; run `sslab run` first")
     if not all_columns:
         frame = summary_view(frame, SUMMARY_COLUMNS)
+        if "data_fingerprint" in frame and frame["data_fingerprint"].isna().all():  # no image folders
+            frame = frame.drop(columns="data_fingerprint")
     if format == "csv":
-        sys.stdout.write(frame.to_csv(index=False))
+        sys.stdout.write(frame.to_csv(index=False, float_format=FLOAT_FORMAT))
     elif format == "json":
-        sys.stdout.write(frame.to_json(orient="records", indent=2) + "\n")
+        sys.stdout.write(frame.to_json(orient="records", indent=2, double_precision=7) + "\n")
     elif format in ("markdown", "latex"):
         sys.stdout.write(frame_markdown(frame) if format == "markdown" else frame_latex(frame))
     else:
@@ -305,6 +318,7 @@ def augment_list() -> None:
 
 
 app.add_typer(study_app, name="study")
+app.add_typer(store_app, name="store")
 app.command("compare")(compare)
 
 

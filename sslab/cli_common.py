@@ -21,21 +21,22 @@ DbOption = Annotated[
 ]
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """sslab's own warnings, as one line each when they happen (e.g. skipped files, before training)."""
+    if issubclass(category, UserWarning) and category.__module__.startswith("sslab"):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn user-facing errors into one line on stderr and a non-zero exit, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings():
                 warnings.simplefilter("always")
-                result = command(*args, **kwargs)
-            for warning in caught:
-                if issubclass(warning.category, UserWarning) and warning.category.__module__.startswith(
-                    "sslab"
-                ):
-                    err_console.print(f"[yellow]warning:[/] {warning.message}")
-            return result
+                warnings.showwarning = _show_warning  # restored when the block ends
+                return command(*args, **kwargs)
         except SslabError as exc:
             err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

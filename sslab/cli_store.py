@@ -52,4 +52,5 @@ def import_(source: FileArgument, db: DbOption = None) -> None:
         f"ones, kept {result.kept} already here, skipped {result.skipped} still running; "
         f"{result.studies} new study record(s)",
         highlight=False,
+        soft_wrap=True,
     )

@@ -50,6 +50,20 @@ def _seeds(text: str | None) -> list[int] | None:
         ) from None
 
 
+def _compare_seeds(text: str) -> list[int]:
+    """`--seeds` of compare: a list like study run's. A lone number N used to mean seeds 0..N-1: refuse it
+    rather than silently run seed N alone."""
+    seeds = _seeds(text) or []
+    if len(seeds) == 1 and "," not in text and seeds[0] >= 1:
+        n = seeds[0]
+        listed = ",".join(map(str, range(n)))
+        raise ConfigError(
+            f"--seeds lists the seeds, as for `study run`: --seeds {listed} for {n} seed(s); "
+            f"--seeds {n}, for seed {n} alone"
+        )
+    return seeds
+
+
 def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "-"
 
@@ -241,7 +255,9 @@ def study_status(name: NameArg, db: DbOption = None) -> None:
 @handle_errors
 def compare(
     methods: Annotated[list[str], typer.Argument(help="two or more method names, e.g. simclr byol")],
-    seeds: Annotated[int, typer.Option("--seeds", help="seeds 0..N-1 per method")] = 3,
+    seeds: Annotated[
+        str, typer.Option("--seeds", help="replicate seeds, as for `study run`: e.g. --seeds 0,1,2")
+    ] = "0,1,2",
     sets: Annotated[
         list[str] | None,
         typer.Option("--set", help="matched budget for every method: --set key=value (repeatable)"),
@@ -271,7 +287,7 @@ def compare(
 
     if out is not None:
         check_output(out)  # before any training, not after
-    plan = compare_plan(methods, seeds, parse_assignments(sets or []), study)
+    plan = compare_plan(methods, _compare_seeds(seeds), parse_assignments(sets or []), study)
     store = Store(db)
     if no_run:
         from sslab.study.scheduler import prepare

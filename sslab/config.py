@@ -32,6 +32,7 @@ from typing import Any
 
 from sslab.augment.spec import canonical_view, format_value, parse_steps
 from sslab.errors import ConfigError
+from sslab.fingerprint import folder_fingerprint
 from sslab.methods.catalog import method_info, methods
 from sslab.settings import MethodInfo, SettingValues, coerce
 
@@ -47,6 +48,7 @@ class TrialConfig:
     backbone: str = "smallcnn"  # smallcnn (~0.37M parameters, fast on CPU) | resnet18 | resnet50
     dataset: str = "fashion-mnist-mini"  # dataset name (see `sslab data list`); the default ships embedded
     image_size: int | None = None  # resize images to this side; None keeps the native size
+    data_fingerprint: str | None = None  # content of an imagefolder: PATH (files, sizes, times); set by sslab
     train_subset: int | None = None  # use only the first N class-balanced training images
     cifar_stem: bool | None = None  # 3x3 stride-1 stem, no max-pool; None: on for images <= 64 px
 
@@ -170,6 +172,8 @@ class TrialConfig:
 
 
 RUNTIME_FIELDS = ("data_dir", "device")
+SET_BY_SSLAB = ("data_fingerprint",)  # recorded with the trial, never given on the command line
+IMAGEFOLDER = "imagefolder:"
 _INTERNAL_FIELDS = ("settings", "method_version")
 FIELD_NAMES = tuple(f.name for f in fields(TrialConfig) if f.name not in _INTERNAL_FIELDS)
 SHARED_FIELDS = tuple(name for name in FIELD_NAMES if name not in RUNTIME_FIELDS)
@@ -335,6 +339,9 @@ def from_mapping(
             problems.append(str(exc))
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+    dataset = shared.get("dataset", "")
+    if dataset.startswith(IMAGEFOLDER) and "data_fingerprint" not in shared:  # a stored record keeps its own
+        shared["data_fingerprint"] = folder_fingerprint(dataset[len(IMAGEFOLDER) :])
     config = TrialConfig(
         **{**shared_defaults(info), **shared},
         settings=SettingValues({**info.defaults(), **own}),

@@ -102,8 +102,14 @@ def _lines(store: Store, study: str | None) -> Iterator[dict[str, Any]]:
             "metrics": metrics.get(trial.id, []),
             "studies": by_hash.get(trial.config_hash, []),
         }
-    for row in studies:
-        yield {"study": {"name": row.name, "spec_json": row.spec_json, "created_at": _value(row.created_at)}}
+    for record in studies:
+        yield {
+            "study": {
+                "name": record.name,
+                "spec_json": record.spec_json,
+                "created_at": _value(record.created_at),
+            }
+        }
 
 
 def export_trials(store: Store, target: Path, study: str | None = None) -> int:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from sslab import fingerprint
 from sslab.cli import app
 from sslab.data import DatasetWarning, load_dataset
 from sslab.errors import DatasetError
@@ -52,3 +55,30 @@ def test_an_ignored_data_dir_is_said(tmp_path: Path) -> None:
         load_dataset("synthetic", data_dir=tmp_path / "nowhere")
     with pytest.warns(DatasetWarning, match="needs no data folder"):
         load_dataset("fashion-mnist-mini", data_dir=tmp_path)
+
+
+def test_a_changed_image_folder_is_a_new_trial(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = write_split(tmp_path / "d", {"a": 40, "b": 40}, {"a": 10, "b": 10})
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    args = [
+        "run",
+        "--dataset",
+        f"imagefolder:{root}",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "-q",
+        "--db",
+        db,
+    ]
+    assert runner.invoke(app, args).exit_code == 0
+    assert "already done" in runner.invoke(app, args).output  # the same files: the same trial
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(root / "train" / "a" / "new.png")
+    fingerprint.forget()  # as a new command would: this test runs them all in one process
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "already done" not in again.output, again.output
+    listed = runner.invoke(app, ["results", "--db", db, "--format", "csv"]).stdout
+    frame = pd.read_csv(io.StringIO(listed))
+    assert frame["data_fingerprint"].nunique() == 2 and frame["hash"].nunique() == 2

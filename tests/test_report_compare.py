@@ -34,9 +34,8 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
 
 def fill_known(store: Store, seeds: list[int], failed: tuple[str, int] | None = None) -> None:
     """Known final metrics (and per-epoch losses) for the compare configs of simclr and byol."""
-    configs = {
-        k: v for k, v in compare_configs(["simclr", "byol"], max(seeds) + 1, BUDGET).items() if k[1] in seeds
-    }
+    every = compare_configs(["simclr", "byol"], list(range(max(seeds) + 1)), BUDGET)
+    configs = {key: config for key, config in every.items() if key[1] in seeds}
     for (method, seed), config in configs.items():
         trial_id = store.begin_trial(config, PROVENANCE)
         for epoch, loss in enumerate(LOSS[method], start=1):
@@ -60,7 +59,7 @@ def test_paired_statistics_match_closed_forms() -> None:
 
 
 def test_configs_share_one_budget_whatever_the_method_defaults() -> None:
-    configs = compare_configs(["simclr", "barlow"], 2, {"epochs": 3})
+    configs = compare_configs(["simclr", "barlow"], [0, 1], {"epochs": 3})
     budget = {(c.dataset, c.backbone, c.epochs, c.batch_size, c.train_subset) for c in configs.values()}
     assert len(budget) == 1 and next(iter(budget))[2] == 3
     own_defaults = (configs[("barlow", 0)].optimizer, configs[("simclr", 0)].optimizer)
@@ -70,7 +69,7 @@ def test_configs_share_one_budget_whatever_the_method_defaults() -> None:
 
 def test_compare_reports_stored_trials_without_running(store: Store) -> None:
     fill_known(store, [0, 1, 2], failed=("byol", 2))
-    args = ["compare", "simclr", "byol", "--seeds", "3", *SETS, "--no-run", "--db", store.url]
+    args = ["compare", "simclr", "byol", "--seeds", "0,1,2", *SETS, "--no-run", "--db", store.url]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "trained" not in result.output  # --no-run: nothing scheduled
@@ -123,7 +122,7 @@ def test_compare_errors_are_one_line_and_leave_the_store_alone(store: Store) -> 
     assert store.studies() == [] and store.trials() == []
     fill_known(store, [0, 1])
     again = runner.invoke(
-        app, ["compare", "simclr", "byol", "--seeds", "2", *SETS, "--no-run", "--db", store.url]
+        app, ["compare", "simclr", "byol", "--seeds", "0,1", *SETS, "--no-run", "--db", store.url]
     )
     assert again.exit_code == 0, again.output
     other = runner.invoke(
@@ -134,7 +133,7 @@ def test_compare_errors_are_one_line_and_leave_the_store_alone(store: Store) -> 
 
 def test_compare_trains_only_the_missing_trials(store: Store) -> None:
     fill_known(store, [0])  # seed 0 of both methods is already in the store
-    args = ["compare", "simclr", "byol", "--seeds", "2", *SETS, "--db", store.url]
+    args = ["compare", "simclr", "byol", "--seeds", "0,1", *SETS, "--db", store.url]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "method=simclr seed=1: done" in result.output and "method=byol seed=1: done" in result.output
@@ -146,3 +145,16 @@ def test_compare_trains_only_the_missing_trials(store: Store) -> None:
     assert frame["epochs"].nunique() == frame["train_subset"].nunique() == frame["batch_size"].nunique() == 1
     comparison = load_comparison(store, "compare-simclr-byol")
     assert isinstance(comparison, Comparison) and len(comparison.done) == 4
+
+
+def test_compare_seeds_are_listed_like_a_study_s(store: Store) -> None:
+    old_spelling = runner.invoke(
+        app, ["compare", "simclr", "byol", "--seeds", "3", "--no-run", "--db", store.url]
+    )
+    assert old_spelling.exit_code == 2 and "--seeds 0,1,2 for 3 seed(s)" in old_spelling.output
+    fill_known(store, [0, 1, 2], failed=("byol", 2))
+    chosen = runner.invoke(
+        app, ["compare", "simclr", "byol", "--seeds", "1,2", *SETS, "--no-run", "--db", store.url]
+    )
+    assert chosen.exit_code == 0, chosen.output
+    assert load_comparison(store, "compare-simclr-byol").seeds == [1, 2]

@@ -349,3 +349,24 @@ def test_search_sampler_runs_n_trials_and_records_their_axes(tmp_path, monkeypat
         assert row["axis.head"] == trial.params["head"] == row["head"] and row["axis.seed"] == 0
     again = run_study(load_plan(write_study(tmp_path, body)), url, RunOptions(), quiet(), record_only)
     assert again.trained == 0 and len(optuna.load_study(study_name="tiny", storage=url).trials) == 5
+
+
+def test_the_summary_counts_every_trial_run_here_failed_ones_too(tmp_path, monkeypatch) -> None:
+    from sslab.train import TrialFailed
+
+    def fails_at_low_temperature(config, store, **kwargs):  # type: ignore[no-untyped-def]
+        if config.settings.temperature < 0.3:
+            trial_id = store.begin_trial(config, provenance(torch.device("cpu")))
+            store.finish_trial(trial_id, "failed", "non-finite loss")
+            raise TrialFailed("non-finite loss")
+        return record_only(config, store)
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    path = write_study(tmp_path, "[axes]\ntemperature = [0.2, 0.5, 1.0]")
+    result = run_study(
+        load_plan(path), url, RunOptions(heartbeat_timeout=5), quiet(), fails_at_low_temperature
+    )
+    assert result.trained == 3 and result.counts == {"done": 2, "failed": 1}
+    trials = Store(url).trials()
+    assert all(row.threads == torch.get_num_threads() for row in trials)  # provenance: the thread count

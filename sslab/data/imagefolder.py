@@ -117,6 +117,7 @@ def _assemble(
         )
     entries = [tree.entries[i] for i in keep]
     if tree.has_splits:
+        _check_split_classes(tree, where)
         is_test = [entry.split == "test" for entry in entries]
     else:
         is_test = stratified_test_mask([e.key for e in entries], [e.label for e in entries])
@@ -129,6 +130,18 @@ def _assemble(
         labels = np.array([index[tree.entries[i].label] for i in chosen], dtype=np.int64)
         splits[test] = (tensor.contiguous(), torch.from_numpy(labels))
     return ImageDataset(name, *splits[False], *splits[True], tree.classes)
+
+
+def _check_split_classes(tree: Tree, where: str) -> None:
+    """A class in test/ that train/ lacks (e.g. `Ship` beside `ship`) would be scored but never learned."""
+    train = {entry.label for entry in tree.entries if entry.split == "train"}
+    test = {entry.label for entry in tree.entries if entry.split == "test"}
+    missing = sorted(test - train)
+    if missing:
+        raise DatasetError(
+            f"{where}: test/ has class folder(s) {', '.join(missing)} that train/ lacks (train/ has "
+            f"{', '.join(sorted(train))}); rename them to match (class names are case-sensitive)"
+        )
 
 
 def _reason(exc: Exception) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sslab.data import cifar, fashion_mnist, stl10
 from sslab.data.cache import cache_file, load_cache, save_cache
-from sslab.data.dataset import ImageDataset
+from sslab.data.dataset import DatasetWarning, ImageDataset
 from sslab.data.embedded import EMBEDDED_NAME, embedded_path, load_embedded
 from sslab.data.imagefolder import load_imagefolder
 from sslab.data.locations import DATA_ENV, Found, env_path, resolve_cache_dir
@@ -17,6 +18,7 @@ from sslab.data.synthetic import make_synthetic
 from sslab.errors import DatasetError
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
+NO_DATA_DIR = (EMBEDDED_NAME, "synthetic")  # built in: a --data-dir is not looked at
 DEFAULT_DATASET = EMBEDDED_NAME
 
 
@@ -119,6 +121,13 @@ def load_dataset(
     ):
         raise DatasetError(f"image size must be a positive integer, got {image_size!r}")
     key = name.strip()
+    if data_dir is not None and (key.lower() in NO_DATA_DIR or key.lower().startswith(IMAGEFOLDER_PREFIX)):
+        missing = "" if Path(data_dir).expanduser().exists() else " (and does not exist)"
+        warnings.warn(
+            f"--data-dir {data_dir}{missing} is not used: dataset {key} needs no data folder",
+            DatasetWarning,
+            stacklevel=2,
+        )
     if key.lower().startswith(IMAGEFOLDER_PREFIX):
         return _load_imagefolder(key, image_size, cache_dir)
     key = key.lower()

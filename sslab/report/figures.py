@@ -39,7 +39,7 @@ def save_figure(figure: Figure, path: str | Path, data: pd.DataFrame | None = No
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=150)
         if data is not None:
-            data.to_csv(path.with_suffix(".csv"), index=False)
+            data.to_csv(path.with_suffix(".csv"), index=False, float_format="%.7g")  # float32 metrics
     except OSError as exc:
         raise ConfigError(f"cannot write '{path}': {exc.strerror or exc}") from None
     return path

@@ -151,7 +151,7 @@ def to_csv(table: PivotTable) -> str:
             record.update(metric=table.metric, unit=table.unit, mean=table.mean[i, j], std=table.std[i, j])
             record.update(count=int(table.count[i, j]), ci95=table.ci95[i, j])
             records.append(record)
-    return pd.DataFrame(records).to_csv(index=False)
+    return pd.DataFrame(records).to_csv(index=False, float_format="%.7g")  # float32 metrics: no float noise
 
 
 def render_table(

@@ -25,8 +25,8 @@ def study_name(methods: Sequence[str]) -> str:
     return "compare-" + "-".join(methods)
 
 
-def compare_spec(methods: Sequence[str], seeds: int, name: str | None = None) -> StudySpec:
-    """The study behind a comparison: axis `method`, seeds 0..seeds-1, the budget fixed in its base."""
+def compare_spec(methods: Sequence[str], seeds: Sequence[int], name: str | None = None) -> StudySpec:
+    """The study behind a comparison: axis `method`, the replicate seeds, the budget fixed in its base."""
     if len(methods) < 2:
         raise ConfigError("compare needs two or more methods, e.g. `sslab compare simclr byol`")
     if len(set(methods)) < len(methods):
@@ -35,21 +35,24 @@ def compare_spec(methods: Sequence[str], seeds: int, name: str | None = None) ->
     if unknown:
         valid = ", ".join(known_methods())
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; valid methods: {valid}")
-    if seeds < 1:
-        raise ConfigError("--seeds must be at least 1")
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds needs distinct seeds >= 0, e.g. --seeds 0,1,2 (got {list(seeds)})")
     defaults = {f.name: f.default for f in fields(TrialConfig)}
     return StudySpec(
         name=name or study_name(methods),
-        description=f"{' vs '.join(methods)} on one budget, {seeds} seed(s)",
+        description=f"{' vs '.join(methods)} on one budget, {len(seeds)} seed(s)",
         path="sslab compare",
         base={key: defaults[key] for key in BUDGET_FIELDS},  # not each method's own default
         axes=(Axis("method", "values", tuple(methods)),),
-        seeds=tuple(range(seeds)),
+        seeds=tuple(seeds),
     )
 
 
 def compare_plan(
-    methods: Sequence[str], seeds: int, overrides: Mapping[str, Any] | None = None, name: str | None = None
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    overrides: Mapping[str, Any] | None = None,
+    name: str | None = None,
 ) -> StudyPlan:
     """The validated comparison study; `overrides` (`--set`) apply to every method's trials."""
     overrides = dict(overrides or {})
@@ -67,7 +70,7 @@ def compare_plan(
 
 
 def compare_configs(
-    methods: Sequence[str], seeds: int, overrides: Mapping[str, Any] | None = None
+    methods: Sequence[str], seeds: Sequence[int], overrides: Mapping[str, Any] | None = None
 ) -> dict[tuple[str, int], TrialConfig]:
     """One config per (method, seed) of the comparison."""
     plan = compare_plan(methods, seeds, overrides)

@@ -112,8 +112,8 @@ class StudyDisplay:
         return self.rows[worker]
 
     def handle(self, event: Event) -> None:
-        if isinstance(event, Overall):
-            self.settled, self.total = event.settled, event.total
+        if isinstance(event, Overall):  # the store's count, read by one worker: never step back on it
+            self.settled, self.total = max(self.settled, event.settled), event.total
             self.progress.update(self.overall, total=max(event.total, 1))
         elif isinstance(event, TrialStarted):
             resumed = f" (attempt {event.attempt}, resuming)" if event.attempt > 1 else ""
@@ -141,7 +141,7 @@ class StudyDisplay:
         self._refresh()
 
     def _ended(self, event: TrialEnded) -> None:
-        if event.status != "interrupted":
+        if event.trained and event.status != "interrupted":  # a cached trial is already in the store's count
             self.settled += 1
         if event.trained and event.seconds is not None and event.status == "done":
             self.trained_seconds.append(event.seconds)

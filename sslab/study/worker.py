@@ -455,6 +455,7 @@ class Worker:
         metric, index = self.plan.spec.metric, self.options.index
         dataset = self._dataset(config)
         self.emit(TrialStarted(index, cell.label, attempt))
+        self.trained += 1  # run here, whatever its end (done, failed, pruned)
         started = time.perf_counter()
         try:
             outcome = self.trial_runner(
@@ -494,7 +495,6 @@ class Worker:
             seconds = time.perf_counter() - started
             self.emit(TrialEnded(index, cell.label, "failed", metric, None, seconds, reason))
             return
-        self.trained += 1
         value = outcome.metrics.get(metric)
         if outcome.collapsed:
             trial.set_user_attr("collapsed", True)
