@@ -159,7 +159,10 @@ def _install_run_command() -> None:
             "config_file",
             inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(
-                None, "--config", help="TOML file with any of the fields below", exists=False
+                None,
+                "--config",
+                help="TOML file with any of the fields below \\[default: none]",
+                exists=False,
             ),
             annotation=Path | None,
         ),
@@ -170,34 +173,38 @@ def _install_run_command() -> None:
                 None,
                 "--set",
                 help="override any field or method setting: --set key=value, --set dino.teacher_temp=0.07 "
-                "(repeatable)",
+                "(repeatable) \\[default: none]",
             ),
             annotation=list[str] | None,
         ),
         inspect.Parameter(
             "resume",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(False, "--resume", help="continue from this trial's last epoch checkpoint"),
+            default=typer.Option(
+                False, "--resume", help="continue from this trial's last epoch checkpoint \\[default: off]"
+            ),
             annotation=bool,
         ),
         inspect.Parameter(
             "force",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(False, "--force", help="train again even if this config is already done"),
+            default=typer.Option(
+                False, "--force", help="train again even if this config is already done \\[default: off]"
+            ),
             annotation=bool,
         ),
         inspect.Parameter(
             "db",
             inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(
-                None, "--db", help="results store URL (default $SSLAB_DB or results/sslab.db)"
+                None, "--db", help="results store URL \\[default: $SSLAB_DB, else sqlite:///results/sslab.db]"
             ),
             annotation=str | None,
         ),
         inspect.Parameter(
             "quiet",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(False, "--quiet", "-q", help="no progress output"),
+            default=typer.Option(False, "--quiet", "-q", help="no progress output \\[default: off]"),
             annotation=bool,
         ),
     ]

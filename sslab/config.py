@@ -158,6 +158,8 @@ class TrialConfig:
     def replace(self, **changes: Any) -> TrialConfig:
         """A validated copy with `changes` (shared fields, runtime fields or settings of this method)."""
         values = self.values()
+        if "dataset" in changes:  # other data: its fingerprint is taken anew
+            values.pop("data_fingerprint")
         for key, value in changes.items():
             own = key in self.settings
             values[f"{self.method}.{key}" if own else key] = value

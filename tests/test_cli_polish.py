@@ -22,6 +22,9 @@ def test_version_and_defaults_in_help() -> None:
     assert runner.invoke(app, ["--version"]).output.strip() == f"sslab {sslab.__version__}"
     text = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "250"}).output
     assert "[default: 4]" in text and "[default: simclr]" in text and "[default: sgd]" in text
+    for flag in ("--resume", "--force", "--quiet", "--config", "--set", "--db", "--temperature"):
+        block = text[text.index(flag) :].split("\n│ --", 1)[0]
+        assert "[default:" in block, flag
     assert "PATH/train/ and PATH/test/" in text and "held out for test" in text  # how a folder is split
 
 
