@@ -109,6 +109,7 @@ def run(
     force: bool = False,
     db: str | None = None,
     quiet: bool = False,
+    log: list[str] | None = None,
     **options: Any,
 ) -> None:
     """Pretrain one configuration and evaluate it with a linear probe and kNN on frozen features."""
@@ -117,7 +118,9 @@ def run(
     from sslab.runner import run_trial
     from sslab.signals import sigterm_as_interrupt
     from sslab.store import Store
+    from sslab.tracking import check_trackers
 
+    check_trackers(log or [])
     config = from_sources(config_file, sets, options)
     store = Store(db)
     if not quiet:
@@ -131,7 +134,9 @@ def run(
         # Under torchrun, the main process (rank 0) holds the trial for all of them.
         claim = holding(store, config.hash()) if os.environ.get("RANK", "0") == "0" else nullcontext()
         with claim:
-            outcome = run_trial(config, store, force=force, resume=resume, reporter=reporter)
+            outcome = run_trial(
+                config, store, force=force, resume=resume, reporter=reporter, log=check_trackers(log or [])
+            )
     finally:
         restore_sigterm()
     if outcome.status == "cached":
@@ -206,6 +211,14 @@ def _install_run_command() -> None:
             inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(False, "--quiet", "-q", help="no progress output \\[default: off]"),
             annotation=bool,
+        ),
+        inspect.Parameter(
+            "log",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(
+                None, "--log", help="training curves to tensorboard and/or wandb (offline) \\[default: none]"
+            ),
+            annotation=list[str] | None,
         ),
     ]
 

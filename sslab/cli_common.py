@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sslab.errors import SslabError
 
@@ -24,7 +25,7 @@ DbOption = Annotated[
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     """sslab's own warnings, as one line each when they happen (e.g. skipped files, before training)."""
     if issubclass(category, UserWarning) and category.__module__.startswith("sslab"):
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,7 +39,7 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 warnings.showwarning = _show_warning  # restored when the block ends
                 return command(*args, **kwargs)
         except SslabError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/]")

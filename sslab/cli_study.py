@@ -3,14 +3,18 @@ prints."""
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from sslab import slurm
 from sslab.cli_common import DbOption, console, err_console, handle_errors
 from sslab.errors import ConfigError, SslabError
+from sslab.signals import Terminated
 
 study_app = typer.Typer(
     help="Studies: sets of trials that differ along named axes (studies/*.toml and the presets).",
@@ -190,6 +194,10 @@ def study_run(
     checkpoint_dir: Annotated[
         Path, typer.Option("--checkpoint-dir", help="where per-epoch checkpoints are kept for resuming")
     ] = Path("results/checkpoints"),
+    log: Annotated[
+        list[str] | None,
+        typer.Option("--log", help="each trial's curves to tensorboard and/or wandb (offline)"),
+    ] = None,
 ) -> None:
     """Run the study's trials that are not done yet (resuming interrupted ones); Ctrl-C stops cleanly."""
     from sslab.study import load_plan
@@ -200,8 +208,15 @@ def study_run(
     if heartbeat_timeout <= 0:
         raise SslabError("--heartbeat-timeout must be > 0 seconds")
     device_list = tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else None
-    options = RunOptions(workers, device_list, heartbeat_timeout, replace, checkpoint_dir)
-    result = run_study(plan, db, options, err_console)
+    options = RunOptions(
+        workers, device_list, heartbeat_timeout, replace, checkpoint_dir, log=tuple(log or ())
+    )
+    try:
+        result = run_study(plan, db, options, err_console)
+    except Terminated as exc:
+        if exc.signum == signal.SIGUSR1:  # SLURM's warning before the time limit: come back and go on
+            slurm.requeue_self()
+        raise
     console.print(
         f"study {result.name}: {result.total} trials: {_counts_text(result.counts)}; "
         f"trained {result.trained} here in {format_duration(result.seconds)}",
@@ -248,8 +263,13 @@ def study_status(name: NameArg, db: DbOption = None) -> None:
         for _, row in frame[frame["status"].isin(["failed", "pruned"])].iterrows():
             label = " ".join(f"{c[5:]}={row[c]}" for c in axes)
             console.print(f"{row['status']}: {label}: {row.get('reason') or '-'}", highlight=False)
-    for worker, config_hash, age in status.workers:
-        console.print(f"worker {worker}: trial {config_hash or '-'}, last heartbeat {age:.0f} s ago")
+    if status.workers:
+        table = Table(show_header=True, title="workers")
+        for column in ("worker", "host", "job", "trial", "last heartbeat"):
+            table.add_column(column)
+        for worker, host, job, config_hash, age in status.workers:
+            table.add_row(worker, host, job or "-", config_hash or "-", f"{age:.0f} s ago")
+        console.print(table)
 
 
 @handle_errors
@@ -316,3 +336,78 @@ def compare(
     console.print(pairs_table(comparison))
     figure = render_curves(store, comparison, out)
     console.print(f"study {comparison.study}; learning curves: {figure or 'no per-epoch metrics recorded'}")
+
+
+@study_app.command("submit")
+@handle_errors
+def study_submit(
+    name: NameArg,
+    slurm_backend: Annotated[bool, typer.Option("--slurm", help="submit to SLURM (the one backend)")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", help="array tasks, one worker each")] = 2,
+    partition: Annotated[str | None, typer.Option("--partition", help="SLURM partition")] = None,
+    gpus_per_job: Annotated[int, typer.Option("--gpus-per-job", help="GPUs per task")] = 0,
+    time_limit: Annotated[
+        str | None, typer.Option("--time", help="time limit per task, e.g. 4:00:00")
+    ] = None,
+    account: Annotated[str | None, typer.Option("--account", help="SLURM account")] = None,
+    cpus_per_job: Annotated[int | None, typer.Option("--cpus-per-job", help="CPUs per task")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the sbatch script, submit nothing")
+    ] = False,
+    method: MethodOption = None,
+    sets: SetOption = None,
+    seeds: SeedsOption = None,
+    store_name: Annotated[
+        str | None, typer.Option("--name", help="record the study under this name (default: the file's)")
+    ] = None,
+    checkpoint_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint-dir",
+            help="checkpoints, on a path every node reads [default: beside a SQLite store]",
+        ),
+    ] = None,
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="where the tasks write their logs")] = Path(
+        "results/slurm"
+    ),
+    log: Annotated[
+        list[str] | None, typer.Option("--log", help="each trial's curves: tensorboard, wandb (offline)")
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Run the study's workers as a SLURM job array sharing the study's store; prints the sbatch script with
+    --dry-run."""
+    from sslab.store import resolve_url
+    from sslab.study import find_study, load_plan
+    from sslab.tracking import check_trackers
+
+    if not slurm_backend:
+        raise SslabError("say where to submit: --slurm (the one backend so far)")
+    options = slurm.SlurmOptions(jobs, partition, gpus_per_job, time_limit, account, cpus_per_job)
+    overrides = _overrides(method, sets)
+    plan = load_plan(name, overrides, store_name, _seeds(seeds))  # every problem before anything is queued
+    url = resolve_url(db)
+    slurm.check_store(url, jobs)
+    checkpoints = slurm.checkpoint_dir(url, checkpoint_dir)
+    sslab = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "sslab" else None
+    command = [str(sslab)] if sslab else [sys.executable, "-m", "sslab.cli"]
+    command += ["study", "run", str(find_study(name).resolve()), "--db", url, "--name", plan.name]
+    command += ["--checkpoint-dir", str(checkpoints), "--workers", "1"]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    if seeds:
+        command += ["--seeds", seeds]
+    for tracker in check_trackers(log or []):
+        command += ["--log", tracker]
+    script = slurm.sbatch_script(command, plan.name, options, log_dir.resolve(), Path.cwd())
+    if dry_run:
+        sys.stdout.write(script)
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    job = slurm.submit(script)
+    console.print(
+        f"submitted job array {job} ({jobs} task(s)) for study {plan.name}; logs in {log_dir}; "
+        f"follow it with: sslab study status {plan.name} --db {url}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -6,7 +6,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from sslab.metrics import (
 )
 from sslab.models import build_backbone
 from sslab.store import Provenance, Store
+from sslab.tracking import open_trackers
 from sslab.train import EpochRecord, Reporter, TrainResult, channel_stats, pretrain, resolve_device
 
 DEFAULT_CHECKPOINT_DIR = Path("results/checkpoints")
@@ -152,12 +153,14 @@ def run_trial(
     dataset: ImageDataset | None = None,
     epoch_hook: Callable[[Method, EpochRecord, dict[str, float]], None] | None = None,
     baseline_cache: dict[tuple[Any, ...], dict[str, float]] | None = None,
+    log: Sequence[str] = (),
 ) -> TrialOutcome:
     """Pretrain and evaluate `config`, recording everything in `store`.
 
     `epoch_hook` runs after each trained epoch; the metrics it puts in its dict are recorded with the epoch,
     and it may raise to stop the trial (pruning). `baseline_cache` reuses the random-init baseline across
-    trials that share its `baseline_key`.
+    trials that share its `baseline_key`. `log` names trackers (`tensorboard`, `wandb`) that also get the
+    per-epoch and final metrics.
 
     A config whose hash is already `done` in the store is not trained again unless `force`. With `resume`,
     training continues from the trial's last per-epoch checkpoint. Failures are recorded with their reason;
@@ -181,6 +184,7 @@ def run_trial(
     checkpoint = checkpoint_dir / f"{config.hash()}.pt"
     if not distributed.is_main():
         return _train_alongside(config, store, dataset, device, checkpoint, resume)
+    trackers = open_trackers(log, config) if log else []
     trial_id = store.begin_trial(config, provenance(device))
     started = time.perf_counter()
     try:
@@ -204,6 +208,8 @@ def run_trial(
                     method.train()
             finally:
                 store.log_metrics(trial_id, {**record.metrics(), **extra}, epoch=record.epoch)
+                for tracker in trackers:
+                    tracker.epoch(record.epoch, {**record.metrics(), **extra})
 
         result: TrainResult = pretrain(
             method,
@@ -222,6 +228,8 @@ def run_trial(
         metrics[FINAL_LOSS.name] = result.history[-1].loss
         metrics[COLLAPSE_RATIO.name] = result.history[-1].collapse_ratio
         store.log_metrics(trial_id, metrics)
+        for tracker in trackers:
+            tracker.final({**baseline_prefixed(baseline), **metrics})
     except KeyboardInterrupt:
         store.finish_trial(
             trial_id, "interrupted", "interrupted by the user", None, time.perf_counter() - started
@@ -231,6 +239,9 @@ def run_trial(
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         store.finish_trial(trial_id, "failed", reason, None, time.perf_counter() - started)
         raise
+    finally:
+        for tracker in trackers:
+            tracker.close()
     wall = time.perf_counter() - started
     store.finish_trial(trial_id, "done", None, result.collapsed, wall)
     distributed.barrier()  # the other processes read the recorded trial after this

@@ -169,6 +169,7 @@ class WorkerRow(Base):
     config_hash: Mapped[str | None] = mapped_column(String(32), nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+    job: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the scheduler's job id (SLURM)
 
 
 @dataclass(frozen=True)
@@ -455,17 +456,28 @@ class Store:
 
     def register_study(self, name: str, spec: Mapping[str, Any]) -> None:
         """Create or update a study's record (its spec may grow: new seeds or axis values)."""
-        with self.session() as session:
-            row = session.get(StudyRow, name)
-            if row is None:
-                session.add(
-                    StudyRow(name=name, spec_json=json.dumps(spec, sort_keys=True), created_at=_now())
-                )
-            else:
-                row.spec_json = json.dumps(spec, sort_keys=True)
+        for attempt in range(3):  # the jobs of an array start together: one creates, the others update
+            try:
+                with self.session() as session:
+                    row = session.get(StudyRow, name)
+                    if row is None:
+                        spec_json = json.dumps(spec, sort_keys=True)
+                        session.add(StudyRow(name=name, spec_json=spec_json, created_at=_now()))
+                    else:
+                        row.spec_json = json.dumps(spec, sort_keys=True)
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise StoreError(f"cannot record study {name} in {self.url}: it keeps changing") from None
 
     def add_study_trial(self, study: str, config_hash: str, axes: Mapping[str, Any]) -> None:
         """Record that `config_hash` belongs to `study` at these axis values (idempotent)."""
+        try:
+            self._add_study_trial(study, config_hash, axes)
+        except IntegrityError:  # another process recorded it at the same moment
+            self._add_study_trial(study, config_hash, axes)
+
+    def _add_study_trial(self, study: str, config_hash: str, axes: Mapping[str, Any]) -> None:
         with self.session() as session:
             row = session.scalar(
                 select(StudyTrialRow).where(
@@ -571,11 +583,13 @@ class Store:
                 found.update({row.config_hash: row for row in rows})
         return found
 
-    def register_worker(self, worker: str, host: str, pid: int, study: str) -> None:
+    def register_worker(self, worker: str, host: str, pid: int, study: str, job: str | None = None) -> None:
         now = _now()
         with self.session() as session:
             session.merge(
-                WorkerRow(id=worker, host=host, pid=pid, study=study, started_at=now, heartbeat_at=now)
+                WorkerRow(
+                    id=worker, host=host, pid=pid, study=study, started_at=now, heartbeat_at=now, job=job
+                )
             )
 
     def heartbeat(self, worker: str, config_hash: str | None) -> None:

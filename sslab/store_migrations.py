@@ -6,6 +6,7 @@
   stored config, study memberships and claims follow it, and trials that turn out to be one trial under the
   new rules are reported and kept apart (`duplicate_of`), never merged.
 - Schema 2: each trial records the CPU threads it ran with (`threads`; unknown for older trials).
+- Schema 3: each worker records its scheduler job (`job`, e.g. a SLURM array task).
 
 Migrations use plain SQL on one connection inside the caller's transaction, so that a failure leaves the store
 as it was; a lock taken first makes concurrent openers wait and then find the work done.
@@ -22,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from sslab.errors import ConfigError, SslabError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -81,6 +82,8 @@ def migrate(connection: Connection, target: int = SCHEMA_VERSION) -> Migration |
         _canonical_identities(connection, result)
     if result.from_version < 2:
         _add_column(connection, "sslab_trials", "threads", "INTEGER")
+    if result.from_version < 3:
+        _add_column(connection, "sslab_workers", "job", "VARCHAR(64)")
     _set_version(connection, target)
     summary = f"results store migrated from schema {result.from_version} to {target}"
     if result.from_version < 1:

@@ -67,3 +67,21 @@ def test_zero_workers_is_refused_before_anything_is_recorded(tmp_path: Path) -> 
     result = runner.invoke(app, ["study", "run", "aug-pairs-mini", "--workers", "0", "--db", url])
     assert result.exit_code == 2 and "--workers must be at least 1" in result.output
     assert not (tmp_path / "r.db").exists() or Store(url).studies() == []
+
+
+def test_study_status_lists_the_workers_with_their_jobs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    study = tmp_path / "s.toml"
+    study.write_text('name = "s"\n[base]\ndataset = "synthetic"\n[axes]\ntemperature = [0.2, 0.5]\n')
+    assert runner.invoke(app, ["study", "show", str(study), "--db", url]).exit_code == 0
+    from sslab.study import load_plan
+    from sslab.study.scheduler import prepare
+
+    store = Store(url)
+    prepare(load_plan(str(study)), store)
+    store.register_worker("node7:4242:abc123", "node7", 4242, "s", job="1234_1")
+    store.heartbeat("node7:4242:abc123", "deadbeefdeadbeef")
+    shown = runner.invoke(app, ["study", "status", "s", "--db", url], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    line = next(line for line in shown.output.splitlines() if "node7:4242" in line)
+    assert "1234_1" in line and "node7" in line and "deadbeefdeadbeef" in line and "s ago" in line

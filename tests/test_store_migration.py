@@ -37,7 +37,7 @@ def test_old_store_opens_with_the_same_trials_and_metrics(old_store: str) -> Non
     with pytest.warns(StoreWarning) as caught:
         store = Store(old_store)
     notes = [str(w.message) for w in caught]
-    assert "migrated from schema 0 to 2: 9 trial(s) re-identified" in notes[0]
+    assert "migrated from schema 0 to 3: 9 trial(s) re-identified" in notes[0]
     assert any("trials 9 and 10 are one trial" in note for note in notes)  # `color` and `color(s=1)`
     frame = store.results_frame().set_index("id")
     for (trial_id, metric), (_, method, value) in expected().items():
@@ -106,6 +106,7 @@ def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postg
     with source.connect() as reading, target.begin() as writing:
         for column in ("duplicate_of", "threads"):  # added by schemas 1 and 2
             writing.execute(text(f"ALTER TABLE sslab_trials DROP COLUMN {column}"))
+        writing.execute(text("ALTER TABLE sslab_workers DROP COLUMN job"))  # added by schema 3
         for table in old_tables:
             rows = [dict(row._mapping) for row in reading.execute(select(fixture.tables[table.name]))]
             if rows:
@@ -116,7 +117,7 @@ def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postg
             )
     source.dispose()
     target.dispose()
-    with pytest.warns(StoreWarning, match="migrated from schema 0 to 2"):
+    with pytest.warns(StoreWarning, match="migrated from schema 0 to 3"):
         store = Store(postgres_url)
     frame = store.results_frame().set_index("id")
     for (trial_id, metric), (_, method, value) in expected().items():

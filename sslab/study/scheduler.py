@@ -27,6 +27,7 @@ from sslab.study.expand import StudyPlan
 from sslab.study.progress import Event, StudyDisplay, WorkerStopped
 from sslab.study.status import TERMINAL, StudyResult, summarise
 from sslab.study.worker import Worker, WorkerOptions, open_study, optuna_storage
+from sslab.tracking import check_trackers
 
 # Changing these changes what the study's trials mean: a study recorded with others needs --name or --replace.
 IDENTITY = ("base", "set", "protocol", "ops", "metric", "direction")
@@ -40,10 +41,12 @@ class RunOptions:
     replace: bool = False  # re-point a recorded study at a changed base config
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
     name_option: str = "--name"  # how the command that runs the study spells its name option (for errors)
+    log: tuple[str, ...] = ()  # trackers for every trial's curves (tensorboard, wandb)
 
     def __post_init__(self) -> None:  # before anything is recorded
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be at least 1 (got {self.workers})")
+        check_trackers(self.log)
         if self.heartbeat_timeout <= 0:
             raise ConfigError(f"--heartbeat-timeout must be > 0 seconds (got {self.heartbeat_timeout})")
 
@@ -164,7 +167,7 @@ def run_study(
     devices, threads = assign_devices(options)
     started = time.perf_counter()
     display = StudyDisplay(console, plan.name, plan.total, len(devices))
-    base = WorkerOptions(options.heartbeat_timeout, None, threads, options.checkpoint_dir)
+    base = WorkerOptions(options.heartbeat_timeout, None, threads, options.checkpoint_dir, log=options.log)
     errors: list[str] = []
     trained = 0
     restore_sigterm = sigterm_as_interrupt()

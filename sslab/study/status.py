@@ -58,7 +58,7 @@ class StudyStatus:
     record: dict[str, Any]
     frame: pd.DataFrame
     counts: dict[str, int]
-    workers: list[tuple[str, str | None, float]]  # (worker, trial hash, seconds since its heartbeat)
+    workers: list[tuple[str, str, str | None, str | None, float]]  # (id, host, job, trial, heartbeat age s)
 
 
 def study_status(store: Store, name: str) -> StudyStatus:
@@ -71,7 +71,7 @@ def study_status(store: Store, name: str) -> StudyStatus:
     counts = {str(k): int(v) for k, v in frame["status"].value_counts().items()} if not frame.empty else {}
     now = pd.Timestamp.utcnow().tz_localize(None)
     workers = [
-        (w.id, w.config_hash, (now - pd.Timestamp(w.heartbeat_at)).total_seconds())
+        (w.id, w.host, w.job, w.config_hash, (now - pd.Timestamp(w.heartbeat_at)).total_seconds())
         for w in store.workers(name)
     ]
     return StudyStatus(name, json.loads(row.spec_json), frame, counts, workers)

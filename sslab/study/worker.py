@@ -29,6 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import Trial, TrialState
 
+from sslab import slurm
 from sslab.claims import ClaimHeartbeat, new_worker_id, pid_alive
 from sslab.config import TrialConfig
 from sslab.data import ImageDataset
@@ -62,6 +63,7 @@ class WorkerOptions:
     threads: int | None = None  # torch CPU threads for this worker
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
     index: int = 0  # this worker's number among the local workers (for progress)
+    log: tuple[str, ...] = ()  # trackers that get each trial's curves (tensorboard, wandb)
 
     @property
     def interval(self) -> float:
@@ -229,7 +231,7 @@ class Worker:
 
     def run(self) -> int:
         """Work until the study is complete; returns how many trials this worker trained."""
-        self.store.register_worker(self.id, self.host, os.getpid(), self.plan.name)
+        self.store.register_worker(self.id, self.host, os.getpid(), self.plan.name, slurm.job_id())
         self.heartbeat.start()
         try:
             while True:
@@ -467,6 +469,7 @@ class Worker:
                 dataset=dataset,
                 epoch_hook=self._pruning_hook(trial, config, dataset),
                 baseline_cache=self.baselines,
+                log=self.options.log,
             )
         except optuna.TrialPruned as exc:
             self._mark(cell, "pruned", str(exc))
