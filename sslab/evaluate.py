@@ -163,3 +163,20 @@ def knn_top1(
         votes.scatter_add_(1, train_y[top_index], (top_sims / temperature).exp())
         correct += votes.argmax(1).eq(test_y[start : start + chunk]).sum().item()
     return correct / test_x.shape[0]
+
+
+def knn_val_top1(
+    train_x: Tensor, train_y: Tensor, num_classes: int, val_fraction: float, k: int, temperature: float
+) -> float:
+    """Weighted-kNN top-1 of the validation split of train (the probe's), voted by the rest of train: a
+    number to select and prune on that never looks at the test set."""
+    fit_index, val_index = stratified_split(train_y, val_fraction)
+    return knn_top1(
+        train_x[fit_index],
+        train_y[fit_index],
+        train_x[val_index],
+        train_y[val_index],
+        num_classes,
+        k,
+        temperature,
+    )

@@ -23,17 +23,38 @@ class Metric:
     per_epoch: bool = False  # recorded after every epoch
     layered: bool = False  # also recorded per head layer (_g1, _g2, ..., _z)
     percent: bool = False  # an accuracy in [0, 1], shown in percent as in the papers
+    split: str | None = None  # the data it is measured on: "test" (report only) | "val" (held out from train)
 
 
 LINEAR_TOP1 = Metric(
-    "linear_top1", "maximize", "linear-probe top-1 on the test set", layered=True, percent=True
+    "linear_top1", "maximize", "linear-probe top-1 on the test set", layered=True, percent=True, split="test"
 )
 LINEAR_VAL_TOP1 = Metric(
-    "linear_val_top1", "maximize", "linear-probe top-1 on the validation split", layered=True, percent=True
+    "linear_val_top1",
+    "maximize",
+    "linear-probe top-1 on the validation split of train",
+    layered=True,
+    percent=True,
+    split="val",
 )
 PROBE_WEIGHT_DECAY = Metric("probe_weight_decay", "minimize", "weight decay the probe chose", layered=True)
 KNN_TOP1 = Metric(
-    "knn_top1", "maximize", "weighted-kNN top-1 on the test set", per_epoch=True, layered=True, percent=True
+    "knn_top1",
+    "maximize",
+    "weighted-kNN top-1 on the test set",
+    per_epoch=True,  # recorded per epoch by releases whose pruner read it
+    layered=True,
+    percent=True,
+    split="test",
+)
+KNN_VAL_TOP1 = Metric(
+    "knn_val_top1",
+    "maximize",
+    "weighted-kNN top-1 on the validation split of train (the rest of train votes)",
+    per_epoch=True,
+    layered=True,
+    percent=True,
+    split="val",
 )
 LOSS = Metric("loss", "minimize", "mean training loss of the epoch", final=False, per_epoch=True)
 FINAL_LOSS = Metric("final_loss", "minimize", "mean training loss of the last epoch")
@@ -55,6 +76,7 @@ METRICS: dict[str, Metric] = {
         LINEAR_VAL_TOP1,
         PROBE_WEIGHT_DECAY,
         KNN_TOP1,
+        KNN_VAL_TOP1,
         LOSS,
         FINAL_LOSS,
         OUTPUT_STD,
@@ -95,8 +117,17 @@ def objectives() -> list[str]:
 
 
 def epoch_metrics() -> dict[str, Direction]:
-    """Per-epoch metrics a pruner can watch, with the direction in which they improve."""
+    """Per-epoch metrics, with the direction in which they improve."""
     return {m.name: m.direction for m in METRICS.values() if m.per_epoch}
+
+
+def validation_twin(name: str) -> str | None:
+    """The validation metric to select on in place of a test one: `linear_top1_g2` -> `linear_val_top1_g2`."""
+    metric = lookup(name)
+    if metric is None or metric.split != "test":
+        return None
+    twin = {LINEAR_TOP1.name: LINEAR_VAL_TOP1.name, KNN_TOP1.name: KNN_VAL_TOP1.name}[metric.name]
+    return twin + name.removeprefix(BASELINE_PREFIX).removeprefix(metric.name)
 
 
 def scale(name: str) -> tuple[float, str]:

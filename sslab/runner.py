@@ -19,7 +19,7 @@ from sslab import distributed
 from sslab.config import TrialConfig
 from sslab.data import ImageDataset, load_dataset
 from sslab.errors import SslabError
-from sslab.evaluate import extract_features, knn_top1, linear_probe
+from sslab.evaluate import extract_features, knn_top1, knn_val_top1, linear_probe
 from sslab.methods.base import Method, build_method
 from sslab.metrics import (
     BASELINE_PREFIX,
@@ -27,6 +27,7 @@ from sslab.metrics import (
     FINAL_LOSS,
     IMAGES_PER_S,
     KNN_TOP1,
+    KNN_VAL_TOP1,
     LINEAR_TOP1,
     LINEAR_VAL_TOP1,
     PROBE_WEIGHT_DECAY,
@@ -135,6 +136,15 @@ def evaluate(
             config.knn_k,
             config.knn_t,
         )
+        if config.val_fraction > 0:
+            metrics[layer_name(KNN_VAL_TOP1, layer)] = knn_val_top1(
+                train[layer],
+                dataset.train_labels,
+                dataset.num_classes,
+                config.val_fraction,
+                config.knn_k,
+                config.knn_t,
+            )
     deepest = max((int(layer[1:]) for layer in train if layer != "h"), default=0)
     if deepest:  # z = g(h), the head's output, whatever its depth (SimCLR Fig. 8 probes h against z)
         for metric in (LINEAR_TOP1, KNN_TOP1):

@@ -31,7 +31,10 @@ temperature = [0.2, 0.5, 1.0]
 def slurm_up() -> bool:
     if not (os.environ.get("SLURM_CONF") and shutil.which("sbatch") and shutil.which("sinfo")):
         return False
-    done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):  # no controller answering
+        return False
     return done.returncode == 0 and "idle" in done.stdout
 
 

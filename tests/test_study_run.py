@@ -1,6 +1,7 @@
 """Running studies: dedup by config hash, Optuna bookkeeping, pruning, resume after an interruption, and
 several workers (SQLite, and PostgreSQL when SSLAB_TEST_POSTGRES_URL is set) with one killed mid-trial."""
 
+import dataclasses
 import io
 import json
 import os
@@ -105,9 +106,10 @@ def test_rerun_trains_nothing_and_a_new_seed_runs_only_new_trials(tmp_path, monk
 def record_only(config, store, **_):  # type: ignore[no-untyped-def]
     """Stands in for run_trial where only the scheduling matters: records a done trial without training."""
     trial_id = store.begin_trial(config, provenance(torch.device("cpu")))
-    store.log_metrics(trial_id, {"linear_top1": 0.5})
+    metrics = {"linear_top1": 0.5, "linear_val_top1": 0.5}
+    store.log_metrics(trial_id, metrics)
     store.finish_trial(trial_id, "done", None, False, 0.0)
-    return TrialOutcome(trial_id, config.hash(), "done", {"linear_top1": 0.5}, collapsed=False)
+    return TrialOutcome(trial_id, config.hash(), "done", metrics, collapsed=False)
 
 
 def test_a_changed_base_needs_a_new_name_or_replace(tmp_path, monkeypatch) -> None:
@@ -157,13 +159,14 @@ def test_median_pruning_stops_trials_below_the_median(tmp_path, monkeypatch) -> 
             completed.append(value)
 
 
-def test_epoch_knn_matches_the_final_evaluation() -> None:
-    plan = load_plan("temperature", {"dataset": "synthetic", "train_subset": "100", "image_size": "16"})
-    config = plan.cells[0].config
+def test_pruning_knn_is_the_validation_knn_and_never_reads_test_images() -> None:
+    overrides = {"dataset": "synthetic", "train_subset": "100", "image_size": "16", "val_fraction": "0.2"}
+    config = load_plan("temperature", overrides).cells[0].config
     dataset = prepare_dataset(config)
     method = build_model(config, dataset)
-    value = epoch_knn(method, config, dataset)
-    assert value == evaluate(method, config, dataset, torch.device("cpu"))["knn_top1"]
+    final = evaluate(method, config, dataset, torch.device("cpu"))
+    blind = dataclasses.replace(dataset, test_images=torch.full_like(dataset.test_images, 255))
+    assert epoch_knn(method, config, blind) == final["knn_val_top1"]  # same number, test images unseen
 
 
 def _wait_for_trained_epoch(url: str, deadline: float, process: subprocess.Popen) -> tuple[str, int]:
@@ -335,10 +338,12 @@ def test_search_sampler_runs_n_trials_and_records_their_axes(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'r.db'}"
     body = (
-        'sampler = "random"\nn_trials = 5\n[axes]\n'
+        'sampler = "random"\nn_trials = 5\nmetric = "linear_val_top1"\n[axes]\n'
         'temperature = { type = "log", low = 0.05, high = 1.0 }\nhead = [1, 2]'
     )
-    result = run_study(load_plan(write_study(tmp_path, body)), url, RunOptions(), quiet(), record_only)
+    path = write_study(tmp_path, body)
+    Path(path).write_text(Path(path).read_text() + "val_fraction = 0.1\n")  # in [base]: a validation split
+    result = run_study(load_plan(path), url, RunOptions(), quiet(), record_only)
     study = optuna.load_study(study_name="tiny", storage=url)
     assert len(study.trials) == 5 and {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
     frame = Store(url).study_frame("tiny")
@@ -347,7 +352,7 @@ def test_search_sampler_runs_n_trials_and_records_their_axes(tmp_path, monkeypat
         row = frame.set_index("hash").loc[trial.user_attrs["config_hash"]]
         assert row["axis.temperature"] == trial.params["temperature"] == row["temperature"]
         assert row["axis.head"] == trial.params["head"] == row["head"] and row["axis.seed"] == 0
-    again = run_study(load_plan(write_study(tmp_path, body)), url, RunOptions(), quiet(), record_only)
+    again = run_study(load_plan(path), url, RunOptions(), quiet(), record_only)
     assert again.trained == 0 and len(optuna.load_study(study_name="tiny", storage=url).trials) == 5
 
 

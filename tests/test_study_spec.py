@@ -228,6 +228,8 @@ seeds = [0, 1]
 lr = { type = "log", low = 1e-3, high = 1.0 }
 head = { type = "int", low = 0, high = 3 }
 temperature = { type = "categorical", choices = [0.1, 0.5] }
+[base]
+val_fraction = 0.1
 """,
     )
     with pytest.raises(ConfigError) as caught:
@@ -236,7 +238,9 @@ temperature = { type = "categorical", choices = [0.1, 0.5] }
     assert "seeds: sampler tpe takes one seed" in str(caught.value)
     path = write(tmp_path, Path(path).read_text().replace("seeds = [0, 1]", "seeds = [0]\nn_trials = 6"))
     plan = load_plan(path)
-    assert plan.total == 6 and not plan.cells
+    assert (
+        plan.total == 6 and not plan.cells and plan.spec.metric == "linear_val_top1"
+    )  # validation by default
     cell = plan.cell_for({"lr": 0.01, "head": 3, "temperature": 0.1, "seed": 0})
     assert cell.config.lr == 0.01 and cell.config.head == 3
 
@@ -257,3 +261,38 @@ def test_cli_show_list_and_bad_input(tmp_path, monkeypatch) -> None:
     assert not db.exists()  # nothing was written before the error
     missing = runner.invoke(app, ["study", "run", "nope"])
     assert missing.exit_code == 2 and "unknown study 'nope'" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (
+            'sampler = "tpe"\nn_trials = 4\nmetric = "linear_top1"',
+            "linear_top1 is test accuracy: optimise linear_val_top1",
+        ),
+        ('sampler = "random"\nn_trials = 4\nmetric = "knn_top1_g2"', "optimise knn_val_top1_g2"),
+        ('[pruner]\nmetric = "knn_top1"', "prune on knn_val_top1"),
+        (
+            'sampler = "tpe"\nn_trials = 4\nmetric = "linear_val_top1"',
+            "linear_val_top1 needs a validation split",
+        ),
+        ('[pruner]\nmetric = "knn_val_top1"', "knn_val_top1 needs a validation split"),
+    ],
+)
+def test_no_search_or_pruner_selects_on_the_test_set(tmp_path, body: str, fragment: str) -> None:
+    path = write(
+        tmp_path, f'name = "s"\n{body}\n[base]\ndataset = "synthetic"\n[axes]\ntemperature = [0.1, 0.5]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_plan(str(path))
+    assert fragment in str(caught.value)
+
+
+def test_a_search_on_the_validation_metric_is_accepted(tmp_path) -> None:
+    body = 'sampler = "tpe"\nn_trials = 4\nmetric = "linear_val_top1"\n[pruner]\nmetric = "knn_val_top1"\n'
+    path = write(
+        tmp_path,
+        f'name = "s"\n{body}[base]\ndataset = "synthetic"\nval_fraction = 0.1\n[axes]\nlr = [0.1, 0.5]\n',
+    )
+    plan = load_plan(str(path))
+    assert plan.spec.metric == "linear_val_top1" and plan.spec.pruner is not None

@@ -19,6 +19,7 @@ from typing import Any
 
 from sslab.config import FIELD_NAMES, TrialConfig, from_mapping, setting_owners
 from sslab.errors import ConfigError
+from sslab.metrics import lookup
 from sslab.study.spec import OP_AXES, VIEW_FIELDS, Axis, Problems, StudySpec
 
 
@@ -129,6 +130,14 @@ def unused_settings(spec: StudySpec, overrides: Mapping[str, Any], cells: Sequen
     return problems
 
 
+def _check_validation_split(spec: StudySpec, configs: Sequence[TrialConfig], problems: Problems) -> None:
+    """A study that selects or prunes on a validation metric needs trials that hold a validation split out."""
+    chosen = [spec.metric, *([spec.pruner.metric] if spec.pruner else [])]
+    needs = [name for name in chosen if (metric := lookup(name)) is not None and metric.split == "val"]
+    if needs and any(config.val_fraction <= 0 for config in configs):
+        problems.add("base.val_fraction", f"{needs[0]} needs a validation split: set val_fraction, e.g. 0.1")
+
+
 def is_excluded(spec: StudySpec, axes: Mapping[str, Any]) -> bool:
     return any(all(axes.get(name) in values for name, values in entry.items()) for entry in spec.exclude)
 
@@ -187,6 +196,9 @@ def make_plan(
                     problems.add(f"axes.{axis.name} = {value!r}", "; ".join(parts))
     problems.raise_if_any()
     if spec.sampler != "grid":
+        base = from_mapping({**spec.base, **overrides}, source="base", other_methods="ignore")
+        _check_validation_split(spec, [base], problems)
+        problems.raise_if_any()
         return StudyPlan(spec, name or spec.name, overrides)
 
     seen: dict[str, Cell]  # cell hash -> the first cell giving that trial
@@ -211,5 +223,6 @@ def make_plan(
         problems.add("exclude", "excludes every combination of the axes")
     for problem in unused_settings(spec, overrides, cells):
         problems.add("settings", problem)
+    _check_validation_split(spec, [cell.config for cell in cells], problems)
     problems.raise_if_any()
     return StudyPlan(spec, name or spec.name, overrides, tuple(cells), excluded)

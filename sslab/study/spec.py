@@ -18,7 +18,16 @@ from typing import Any, Literal, cast
 
 from sslab.config import FIELD_NAMES, RUNTIME_FIELDS, flatten_keys, is_known_key, load_toml
 from sslab.errors import ConfigError
-from sslab.metrics import BASELINE_PREFIX, LINEAR_TOP1, epoch_metrics, lookup, objectives
+from sslab.metrics import (
+    BASELINE_PREFIX,
+    KNN_VAL_TOP1,
+    LINEAR_TOP1,
+    LINEAR_VAL_TOP1,
+    epoch_metrics,
+    lookup,
+    objectives,
+    validation_twin,
+)
 
 SAMPLERS = ("grid", "tpe", "random")
 Direction = Literal["maximize", "minimize"]
@@ -86,7 +95,7 @@ class Axis:
 class Pruner:
     """Median pruning (Optuna's MedianPruner) on a per-epoch metric."""
 
-    metric: str = "knn_top1"
+    metric: str = KNN_VAL_TOP1.name  # on the validation split: pruning is a choice, never made on test data
     startup_trials: int = 5  # trials that finish before any is pruned
     warmup_epochs: int = 1  # epochs of every trial that are never pruned
 
@@ -241,7 +250,8 @@ def parse_spec(data: Mapping[str, Any], path: str, problems: Problems | None = N
     sampler = _choice(data, "sampler", SAMPLERS, "grid", problems)
     direction = _choice(data, "direction", DIRECTIONS, "maximize", problems)
     protocol = _choice(data, "protocol", PROTOCOLS, None, problems)
-    metric = data.get("metric", LINEAR_TOP1.name)
+    # A search selects on its metric: by default on the validation split, never on test accuracy.
+    metric = data.get("metric", LINEAR_TOP1.name if sampler == "grid" else LINEAR_VAL_TOP1.name)
     known = lookup(metric) if isinstance(metric, str) else None
     if known is None or not known.final or metric.startswith(BASELINE_PREFIX):
         examples = ", ".join(objectives())
@@ -292,6 +302,13 @@ def parse_spec(data: Mapping[str, Any], path: str, problems: Problems | None = N
             problems.add("n_trials", f"sampler {sampler} needs n_trials = a positive integer")
             n_trials = None
         _check_one_seed(sampler, seeds, problems, "seeds")
+        twin = validation_twin(metric)
+        if twin is not None:
+            problems.add(
+                "metric",
+                f"sampler {sampler} selects on its metric, and {metric} is test accuracy: optimise {twin} "
+                "(with base.val_fraction, e.g. 0.1) and read the test accuracy of the best trial",
+            )
 
     exclude = _parse_exclude(data.get("exclude", []), {a.name: a for a in axes}, seeds, problems)
     pruner = _parse_pruner(data.get("pruner"), problems)
@@ -489,11 +506,19 @@ def _parse_pruner(raw: Any, problems: Problems) -> Pruner | None:
             problems.add(f"pruner.{key}", "unknown key; valid: type, metric, startup_trials, warmup_epochs")
     if raw.get("type", "median") != "median":
         problems.add("pruner.type", f"must be median (got {raw.get('type')!r})")
-    metric = raw.get("metric", "knn_top1")
-    if metric not in EPOCH_METRICS:
-        valid = ", ".join(EPOCH_METRICS)
+    metric = raw.get("metric", KNN_VAL_TOP1.name)
+    twin = validation_twin(metric) if isinstance(metric, str) else None
+    if twin is not None:
+        problems.add(
+            "pruner.metric",
+            f"{metric} is measured on the test set, which no choice may look at; prune on {twin} "
+            "(with base.val_fraction, e.g. 0.1)",
+        )
+        metric = KNN_VAL_TOP1.name
+    elif metric not in EPOCH_METRICS:
+        valid = ", ".join(m for m in EPOCH_METRICS if validation_twin(m) is None)
         problems.add("pruner.metric", f"must be a per-epoch metric: {valid}; got {metric!r}")
-        metric = "knn_top1"
+        metric = KNN_VAL_TOP1.name
     counts = {}
     for key, default in (("startup_trials", 5), ("warmup_epochs", 1)):
         value = raw.get(key, default)

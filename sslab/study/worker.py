@@ -34,9 +34,9 @@ from sslab.claims import ClaimHeartbeat, new_worker_id, pid_alive
 from sslab.config import TrialConfig
 from sslab.data import ImageDataset
 from sslab.errors import SslabError
-from sslab.evaluate import extract_features, knn_top1
+from sslab.evaluate import extract_features, knn_val_top1
 from sslab.methods.base import Method
-from sslab.metrics import KNN_TOP1
+from sslab.metrics import KNN_VAL_TOP1
 from sslab.runner import DEFAULT_CHECKPOINT_DIR, prepare_dataset, provenance, run_trial
 from sslab.store import Store
 from sslab.study.expand import Cell, StudyPlan
@@ -141,19 +141,13 @@ def params_key(params: Mapping[str, Any]) -> str:
 
 
 def epoch_knn(method: Method, config: TrialConfig, dataset: ImageDataset) -> float:
-    """Weighted-kNN test top-1 on the current frozen features (the per-epoch metric pruning watches)."""
+    """Weighted-kNN top-1 of the validation split of train on the current frozen features: what pruning
+    watches (it never extracts the test images)."""
     device = next(method.parameters()).device
     mean, std = channel_stats(dataset.train_images)
     train = extract_features(method, dataset.train_images, mean, std, device)["h"]
-    test = extract_features(method, dataset.test_images, mean, std, device)["h"]
-    return knn_top1(
-        train,
-        dataset.train_labels,
-        test,
-        dataset.test_labels,
-        dataset.num_classes,
-        config.knn_k,
-        config.knn_t,
+    return knn_val_top1(
+        train, dataset.train_labels, dataset.num_classes, config.val_fraction, config.knn_k, config.knn_t
     )
 
 
@@ -439,8 +433,8 @@ class Worker:
         sign = 1.0 if pruner.direction == self.plan.spec.direction else -1.0
 
         def hook(method: Method, record: EpochRecord, extra: dict[str, float]) -> None:
-            if pruner.metric == KNN_TOP1.name:
-                extra[KNN_TOP1.name] = epoch_knn(method, config, dataset)
+            if pruner.metric == KNN_VAL_TOP1.name:
+                extra[KNN_VAL_TOP1.name] = epoch_knn(method, config, dataset)
             value = {**record.metrics(), **extra}[pruner.metric]
             trial.report(sign * value, record.epoch)
             if trial.should_prune():
