@@ -9,7 +9,10 @@ dir=${2:?a folder for the cluster\'s state}
 host=$(hostname -s)
 if [ "$action" = stop ]; then
   for pidfile in "$dir"/slurmd.pid "$dir"/slurmctld.pid "$dir"/munged.pid; do
-    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || continue
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done  # let it save its state
   done
   exit 0
 fi
