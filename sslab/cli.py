@@ -113,10 +113,6 @@ def run(
     **options: Any,
 ) -> None:
     """Pretrain one configuration and evaluate it with a linear probe and kNN on frozen features."""
-    from sslab.claims import holding
-    from sslab.progress import RichReporter
-    from sslab.runner import run_trial
-    from sslab.signals import sigterm_as_interrupt
     from sslab.store import Store
     from sslab.tracking import check_trackers
 
@@ -128,6 +124,18 @@ def run(
             f"trial {config.hash()}: {config.method} / {config.backbone} on {config.dataset}, "
             f"{config.epochs} epochs, batch {config.batch_size}"
         )
+    done = store.find(config.hash())
+    if done is not None and done.status == "done" and not force:  # answered from the store, without torch
+        err_console.print(f"already done as trial {done.id} in {store.url} (use --force to train it again)")
+        metrics = store.final_metrics(done.id)
+        _print_trial(done.id, done.config_hash, metrics, done.collapsed, done.wall_time_s, store.url)
+        return
+
+    from sslab.claims import holding
+    from sslab.progress import RichReporter
+    from sslab.runner import run_trial
+    from sslab.signals import sigterm_as_interrupt
+
     reporter = None if quiet else RichReporter(err_console)
     restore_sigterm = sigterm_as_interrupt()  # `kill`, `timeout`, a scheduler: recorded as interrupted
     try:
@@ -139,23 +147,40 @@ def run(
             )
     finally:
         restore_sigterm()
-    if outcome.status == "cached":
+    if outcome.status == "cached":  # finished by another process meanwhile
         err_console.print(
             f"already done as trial {outcome.trial_id} in {store.url} (use --force to train it again)"
         )
-    metrics = outcome.metrics
-    table = Table(title=f"trial {outcome.trial_id} ({outcome.config_hash})", show_header=True)
+    _print_trial(
+        outcome.trial_id,
+        outcome.config_hash,
+        outcome.metrics,
+        outcome.collapsed,
+        outcome.wall_time_s,
+        store.url,
+    )
+
+
+def _print_trial(
+    trial_id: int,
+    config_hash: str,
+    metrics: dict[str, float],
+    collapsed: bool | None,
+    wall_time_s: float | None,
+    url: str,
+) -> None:
+    table = Table(title=f"trial {trial_id} ({config_hash})", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name in sorted(metrics):
         value = metrics[name]
         shown = f"{value:.4f}" if "top1" in name else f"{value:,.2f}"
         table.add_row(name, shown)
-    table.add_row("collapsed", str(outcome.collapsed))
-    if outcome.wall_time_s is not None:
-        table.add_row("wall time (s)", f"{outcome.wall_time_s:,.1f}")
+    table.add_row("collapsed", str(collapsed))
+    if wall_time_s is not None:
+        table.add_row("wall time (s)", f"{wall_time_s:,.1f}")
     console.print(table)
-    console.print(f"recorded in {store.url}")
+    console.print(f"recorded in {url}")
 
 
 def _install_run_command() -> None:

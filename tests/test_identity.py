@@ -231,3 +231,19 @@ def test_the_backbone_names_validated_are_the_ones_built() -> None:
     from sslab.models import BACKBONES as BUILT
 
     assert tuple(BUILT) == BACKBONES
+
+
+def test_a_finished_trial_is_answered_without_torch(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sslab.cli import app
+
+    tiny = ["run", "--dataset", "synthetic", "--epochs", "1", "--train-subset", "256", "--batch-size", "64"]
+    db = ["--db", f"sqlite:///{tmp_path / 'r.db'}"]
+    assert CliRunner().invoke(app, [*tiny, "-q", *db]).exit_code == 0
+    blocked = "import sys; sys.modules['torch'] = None; from sslab.cli import app; app()"
+    result = subprocess.run(
+        [sys.executable, "-c", blocked, *tiny, *db], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already done as trial 1" in result.stderr and "linear_top1" in result.stdout
