@@ -29,6 +29,12 @@ SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="override a base config field: --set key=value (repeatable)")
 ]
 
+WorkersOption = Annotated[
+    int | None, typer.Option("--workers", help="local worker processes (default: one per GPU, or 1)")
+]
+LogOption = Annotated[
+    list[str] | None, typer.Option("--log", help="each trial's curves: tensorboard, wandb (offline)")
+]
 SeedsOption = Annotated[
     str | None, typer.Option("--seeds", help="replicate seeds instead of the file's, e.g. --seeds 0,1,2")
 ]
@@ -173,9 +179,7 @@ def study_run(
     method: MethodOption = None,
     sets: SetOption = None,
     seeds: SeedsOption = None,
-    workers: Annotated[
-        int | None, typer.Option("--workers", help="local worker processes (default: one per GPU, or 1)")
-    ] = None,
+    workers: WorkersOption = None,
     devices: Annotated[
         str | None,
         typer.Option("--devices", help="comma-separated devices for the workers, e.g. cuda:0,cuda:1"),
@@ -194,10 +198,7 @@ def study_run(
     checkpoint_dir: Annotated[
         Path, typer.Option("--checkpoint-dir", help="where per-epoch checkpoints are kept for resuming")
     ] = Path("results/checkpoints"),
-    log: Annotated[
-        list[str] | None,
-        typer.Option("--log", help="each trial's curves to tensorboard and/or wandb (offline)"),
-    ] = None,
+    log: LogOption = None,
 ) -> None:
     """Run the study's trials that are not done yet (resuming interrupted ones); Ctrl-C stops cleanly."""
     from sslab.study import load_plan
@@ -286,9 +287,7 @@ def compare(
     study: Annotated[
         str | None, typer.Option("--study", help="study name (default compare-METHOD1-METHOD2...)")
     ] = None,
-    workers: Annotated[
-        int | None, typer.Option("--workers", help="local worker processes (default: one per GPU, or 1)")
-    ] = None,
+    workers: WorkersOption = None,
     replace: Annotated[
         bool, typer.Option("--replace", help="re-point a recorded comparison at a changed --set")
     ] = False,
@@ -370,9 +369,7 @@ def study_submit(
     log_dir: Annotated[Path, typer.Option("--log-dir", help="where the tasks write their logs")] = Path(
         "results/slurm"
     ),
-    log: Annotated[
-        list[str] | None, typer.Option("--log", help="each trial's curves: tensorboard, wandb (offline)")
-    ] = None,
+    log: LogOption = None,
     db: DbOption = None,
 ) -> None:
     """Run the study's workers as a SLURM job array sharing the study's store; prints the sbatch script with

@@ -133,7 +133,9 @@ def _read(path: Path) -> list[dict[str, Any]]:
         lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except FileNotFoundError:
         raise SslabError(f"no export file at {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise SslabError(f"{path} is not an sslab export (written by `sslab store export`)") from None
+    except (OSError, json.JSONDecodeError) as exc:
         raise SslabError(f"{path} is not an sslab export: {exc}") from None
     if not lines or lines[0].get("format") != FORMAT:
         raise SslabError(f"{path} is not an sslab export (written by `sslab store export`)")

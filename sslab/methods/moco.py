@@ -53,16 +53,7 @@ class MoCo(Method):
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn
         )
-        self.contrast = MomentumContrast(
-            backbone,
-            self.head,
-            self.head.out_dim,
-            queue_size=s.queue_size,
-            temperature=s.temperature,
-            ema=s.ema,
-            ema_cosine=s.ema_cosine,
-            shuffle_bn=True,
-        )
+        self.contrast = MomentumContrast(backbone, self.head, self.head.out_dim, s, shuffle_bn=True)
 
     def forward(self, views: list[Tensor], labels: Tensor, step: StepContext) -> StepOutput:
         x1, x2 = views[:2]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,19 +105,18 @@ class MomentumContrast(nn.Module):
         backbone: nn.Module,
         head: nn.Module,
         out_dim: int,
-        *,
-        queue_size: int,
-        temperature: float,
-        ema: float,
-        ema_cosine: bool,
+        settings: Mapping[str, Any],
         shuffle_bn: bool,
     ) -> None:
+        """`settings`: the method's `queue_size`, `temperature`, `ema` and `ema_cosine`."""
         super().__init__()
-        self.temperature, self.ema, self.ema_cosine = temperature, ema, ema_cosine
+        self.temperature, self.ema = settings["temperature"], settings["ema"]
+        self.ema_cosine = settings["ema_cosine"]
         self.shuffle_bn = shuffle_bn
         self.backbone = frozen_copy(backbone)
         self.head = frozen_copy(head)
-        self.queue = KeyQueue(queue_size, out_dim) if queue_size > 0 else None
+        size = settings["queue_size"]
+        self.queue = KeyQueue(size, out_dim) if size > 0 else None
 
     @torch.no_grad()
     def encode_keys(self, x: Tensor) -> Tensor:

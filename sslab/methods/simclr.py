@@ -55,16 +55,7 @@ class SimCLR(Method):
         )
         # SimCLR v2 (Sec. 2): MoCo's memory, keys of the other view from an EMA copy, a queue of negatives
         self.contrast = (
-            MomentumContrast(
-                backbone,
-                self.head,
-                self.head.out_dim,
-                queue_size=s.queue_size,
-                temperature=s.temperature,
-                ema=s.ema,
-                ema_cosine=s.ema_cosine,
-                shuffle_bn=False,
-            )
+            MomentumContrast(backbone, self.head, self.head.out_dim, s, shuffle_bn=False)
             if s.momentum_encoder
             else None
         )
