@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from sslab.errors import ConfigError
 from sslab.methods.base import Gather
+from sslab.settings import MethodInfo
 
 # The other processes wait at a collective while the main one evaluates alone (baseline and final probe).
 TIMEOUT = timedelta(hours=2)
@@ -89,6 +90,15 @@ def _shutdown() -> None:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def check_method(info: MethodInfo) -> None:
+    """Refuse, in several processes, a method not shown to compute there what one process computes."""
+    if world_size() > 1 and not info.multiprocess:
+        raise ConfigError(
+            f"method {info.name} has not been shown to match one process on the global batch, so it runs "
+            "in one process only; start it without torchrun (or with --nproc-per-node 1)"
+        )
 
 
 def local_batch_size(batch_size: int) -> int:

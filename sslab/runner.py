@@ -189,6 +189,7 @@ def run_trial(
             wall_time_s=existing.wall_time_s,
         )
     device = distributed.init(resolve_device(config.device))  # this process's device under torchrun
+    distributed.check_method(config.info)
     distributed.local_batch_size(config.batch_size)  # the global batch must split over the processes
     dataset = dataset if dataset is not None else prepare_dataset(config)
     checkpoint = checkpoint_dir / f"{config.hash()}.pt"

@@ -114,6 +114,9 @@ class MethodInfo:
     paper: str
     settings: Mapping[str, Setting] = field(default_factory=dict)
     multicrop: bool = False  # whether it trains on local crops beyond the two global views
+    # Shown (by a gloo test against one process on the global batch) to compute the same in several processes;
+    # a method without it refuses to run under torchrun.
+    multiprocess: bool = False
     version: int = 1  # bumped when a fix changes what the method computes: its old trials stay, marked older
     shared_defaults: Mapping[str, Any] = field(
         default_factory=dict
@@ -139,6 +142,7 @@ class MethodSettings:
     name: ClassVar[str]
     paper: ClassVar[str]
     multicrop: ClassVar[bool] = False
+    multiprocess: ClassVar[bool] = False
     version: ClassVar[int] = 1
     shared_defaults: ClassVar[Mapping[str, Any]] = {}
     ignores: ClassVar[tuple[str, ...]] = ()
@@ -152,6 +156,7 @@ class MethodSettings:
                 "name": cls.name,
                 "paper": cls.paper,
                 "multicrop": cls.multicrop,
+                "multiprocess": cls.multiprocess,
                 "version": cls.version,
                 "shared_defaults": dict(cls.shared_defaults),
                 "ignores": tuple(cls.ignores),
@@ -180,6 +185,7 @@ def make_info(
         paper=str(attributes.get("paper", "")),
         settings=dict(settings),
         multicrop=bool(attributes.get("multicrop", False)),
+        multiprocess=bool(attributes.get("multiprocess", False)),
         version=int(attributes.get("version", 1)),
         shared_defaults=dict(attributes.get("shared_defaults", {})),
         ignores=tuple(attributes.get("ignores", ())),

@@ -188,6 +188,7 @@ def pretrain(
     writes checkpoints and calls `on_epoch`.
     """
     main, rank = distributed.is_main(), distributed.rank()
+    distributed.check_method(config.info)
     local_batch = distributed.local_batch_size(config.batch_size)  # this process's share of each batch
     reporter = (reporter if main else None) or SilentReporter()
     on_epoch = on_epoch if main else None
@@ -260,6 +261,8 @@ def pretrain(
                 batch_indices=batch_index,
                 num_images=images.shape[0],
                 gather=gather,
+                mean=mean,
+                std=std,
             )
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = method(batch_views, labels[batch_index], context)

@@ -15,6 +15,8 @@ def step_context(
     num_images: int = 64,
     gather: Gather | None = None,
     rows: int = 16,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
 ) -> StepContext:
     """Step `step` of a `total`-step run of `epochs` epochs over `num_images` images."""
     return StepContext(
@@ -24,4 +26,6 @@ def step_context(
         batch_indices=torch.arange(rows) if indices is None else indices,
         num_images=num_images,
         gather=gather or Gather(),
+        mean=mean,
+        std=std,
     )

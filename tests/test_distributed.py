@@ -246,3 +246,14 @@ def test_torchrun_two_processes_record_one_trial(tmp_path) -> None:
     metrics = Store(db).final_metrics(trials[0].id)
     assert 0.0 <= metrics["linear_top1"] <= 1.0 and metrics["final_loss"] > 0
     assert not list((tmp_path / "results" / "checkpoints").glob("*.pt"))  # removed once, by the main process
+
+
+def test_a_method_not_shown_equivalent_refuses_several_processes(monkeypatch) -> None:
+    from sslab.settings import MethodInfo
+
+    unproven, proven = MethodInfo(name="toy", paper=""), MethodInfo(name="toy", paper="", multiprocess=True)
+    distributed.check_method(unproven)  # one process: anything runs
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    distributed.check_method(proven)
+    with pytest.raises(ConfigError, match="toy has not been shown to match one process"):
+        distributed.check_method(unproven)

@@ -53,6 +53,16 @@ class StepContext:
     batch_indices: Tensor  # (N,) rows of this process's share of the batch in the training set
     num_images: int  # training set size (sizes per-image state such as InstDisc's memory bank)
     gather: Gather  # collects rows over the global batch (the identity in one process)
+    # Per-channel mean and std (1, C, 1, 1) the views were normalised with, in [0, 1] pixel units: methods
+    # whose targets are pixels or colours (colourisation, inpainting) undo the normalisation with `pixels`.
+    mean: Tensor | None = None
+    std: Tensor | None = None
+
+    def pixels(self, views: Tensor) -> Tensor:
+        """Normalised views back in [0, 1] pixel units."""
+        if self.mean is None or self.std is None:
+            return views
+        return views * self.std + self.mean
 
 
 class Method(nn.Module):

@@ -17,6 +17,7 @@ from sslab.settings import MethodSettings, Setting
 class SimCLRSettings(MethodSettings):
     name = "simclr"
     paper = "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations"
+    multiprocess = True  # tests/test_distributed.py
 
     temperature = Setting(
         0.5, "NT-Xent softmax temperature (Table 5)", "SimCLR, for batches of a few hundred", above=0
