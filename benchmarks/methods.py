@@ -46,7 +46,8 @@ def main() -> None:
         config = from_mapping({"method": name, "backbone": args.backbone, "batch_size": args.batch_size})
         torch.manual_seed(0)
         backbone = build_backbone(args.backbone, args.channels, args.image_size)
-        method = build_method(config, backbone, num_classes=10).to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if backbone.channels_last else torch.contiguous_format  # not ViTs
+        method = build_method(config, backbone, num_classes=10).to(memory_format=memory_format)
         context = StepContext(  # CIFAR-10's training set sizes per-image state (InstDisc's memory bank)
             progress=0.5,
             progress_after=0.5,
@@ -63,7 +64,8 @@ def main() -> None:
             method=method, optimizer=optimizer, views=views, generator=generator, context=context
         ) -> None:  # type: ignore[no-untyped-def]
             x = images.float().div_(255.0)
-            batch = [v.contiguous(memory_format=torch.channels_last) for v in views(x, generator)]
+            layout = torch.channels_last if method.backbone.channels_last else torch.contiguous_format
+            batch = [v.contiguous(memory_format=layout) for v in views(x, generator)]
             loss = method(batch, labels, context).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -114,11 +114,13 @@ def run(
 ) -> None:
     """Pretrain one configuration and evaluate it with a linear probe and kNN on frozen features."""
     from sslab.store import Store
+    from sslab.teachers import with_teacher
     from sslab.tracking import check_trackers
 
     check_trackers(log or [])
     config = from_sources(config_file, sets, options)
     store = Store(db)
+    config = with_teacher(config, store)  # a distillation method's teacher named by its pretraining hash
     if not quiet:
         err_console.print(
             f"trial {config.hash()}: {config.method} / {config.backbone} on {config.dataset}, "

@@ -40,13 +40,15 @@ SeedsOption = Annotated[
 ]
 
 
-def _overrides(method: str | None, sets: list[str] | None) -> dict[str, str]:
+def _overrides(method: str | None, sets: list[str] | None, db: str | None) -> dict[str, str]:
+    """`--method` and `--set`, a distillation teacher named by its pretraining hash (looked up in `db`)."""
     from sslab.config import parse_assignments
+    from sslab.teachers import resolve_overrides
 
     overrides = parse_assignments(sets or [])
     if method is not None:
         overrides["method"] = method
-    return overrides
+    return resolve_overrides(overrides, db)
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -121,7 +123,7 @@ def study_show(
     from sslab.study.progress import format_duration
     from sslab.study.status import estimate
 
-    plan = load_plan(name, _overrides(method, sets), seeds=_seeds(seeds))
+    plan = load_plan(name, _overrides(method, sets, db), seeds=_seeds(seeds))
     spec = plan.spec
     console.print(f"[bold]{plan.name}[/]: {spec.description}  ({spec.path})", highlight=False)
     size = " x ".join(str(len(a.values)) for a in spec.axes if a.discrete)
@@ -205,7 +207,7 @@ def study_run(
     from sslab.study.progress import format_duration
     from sslab.study.scheduler import RunOptions, run_study
 
-    plan = load_plan(name, _overrides(method, sets), store_name, _seeds(seeds))
+    plan = load_plan(name, _overrides(method, sets, db), store_name, _seeds(seeds))
     if heartbeat_timeout <= 0:
         raise SslabError("--heartbeat-timeout must be > 0 seconds")
     device_list = tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else None
@@ -303,10 +305,12 @@ def compare(
     from sslab.report.figures import check_output
     from sslab.store import Store
     from sslab.study.compare import compare_plan
+    from sslab.teachers import resolve_overrides
 
     if out is not None:
         check_output(out)  # before any training, not after
-    plan = compare_plan(methods, _compare_seeds(seeds), parse_assignments(sets or []), study)
+    overrides = resolve_overrides(parse_assignments(sets or []), db)
+    plan = compare_plan(methods, _compare_seeds(seeds), overrides, study)
     store = Store(db)
     if no_run:
         from sslab.study.scheduler import prepare
@@ -381,7 +385,7 @@ def study_submit(
     if not slurm_backend:
         raise SslabError("say where to submit: --slurm (the one backend so far)")
     options = slurm.SlurmOptions(jobs, partition, gpus_per_job, time_limit, account, cpus_per_job)
-    overrides = _overrides(method, sets)
+    overrides = _overrides(method, sets, db)
     plan = load_plan(name, overrides, store_name, _seeds(seeds))  # every problem before anything is queued
     url = resolve_url(db)
     slurm.check_store(url, jobs)

@@ -21,6 +21,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import re
 import tomllib
 import types
@@ -45,12 +46,15 @@ class TrialConfig:
 
     # --- what is trained --------------------------------------------------------------------------------
     method: str = "simclr"  # self-supervised method (see `sslab methods`)
-    backbone: str = "smallcnn"  # smallcnn (~0.37M parameters, fast on CPU) | resnet18 | resnet50
+    backbone: str = "smallcnn"  # smallcnn (fast CPU) | resnet18 | resnet50 | vit_micro | vit_tiny | vit_small
     dataset: str = "fashion-mnist-mini"  # dataset name (see `sslab data list`); the default ships embedded
     image_size: int | None = None  # resize images to this side; None keeps the native size
     data_fingerprint: str | None = None  # content of an imagefolder: PATH (files, sizes, times); set by sslab
     train_subset: int | None = None  # use only the first N class-balanced training images
     cifar_stem: bool | None = None  # 3x3 stride-1 stem, no max-pool; None: on for images <= 64 px
+    resnet_width: float = 1.0  # ResNet channel multiplier (SimCLR's ResNet-50 (2x)); 1 is torchvision's
+    patch_size: int | None = None  # ViT patch side in px; None: 4 up to 32-px images, 8 up to 96, else 16
+    vit_pool: str = "cls"  # ViT features: cls (the class token) | mean (of the patch tokens; no class token)
 
     # --- augmentation: a view is a comma-separated list of named ops (see `sslab augment list`) ----------
     aug: str = "crop(scale=0.2-1),flip,color(s=0.5)"  # ops for both views (crop milder than on ImageNet)
@@ -84,6 +88,19 @@ class TrialConfig:
     knn_t: float = 0.1  # temperature of the weighted kNN vote
     probe_layers: str = "h"  # h: backbone output only; all: also every head layer (SimCLR Fig. 8)
     val_fraction: float = 0.0  # > 0: hold out this share of train to choose the probe's weight decay
+    knn_sweep: bool = False  # also the kNN over a grid of k and temperature, on the same features
+
+    # --- evaluation by fine-tuning: the whole backbone trained on labels (SimCLRv2 semi-supervised) --------
+    finetune_labels: str = ""  # percents of the train labels to fine-tune on, e.g. "1,10,100"; "" none
+    finetune_from: str = "h"  # h: the backbone; g1: also the head's first layer, as SimCLRv2 does
+    finetune_steps: int = 300  # optimiser steps for every label fraction (fractions differ only in labels)
+    finetune_batch: int = 256  # labelled images per step (fewer when fewer are labelled)
+    finetune_lr: float = 0.05  # SGD (Nesterov, momentum 0.9) learning rate, cosine-decayed to zero
+    finetune_weight_decay: float = 0.0  # SimCLRv2 fine-tunes without weight decay
+    finetune_aug: str = "crop(scale=0.2-1),flip"  # augmentation of the labelled images (SimCLRv2: crop, flip)
+
+    # --- transfer: probe (and fine-tune) on another dataset than the one pretrained on -------------------
+    probe_dataset: str | None = None  # None: the pretraining dataset; images fitted to its size and channels
 
     # --- distributed -------------------------------------------------------------------------------
     sync_bn: bool = False  # synchronise batch-norm statistics across processes under torchrun
@@ -133,6 +150,8 @@ class TrialConfig:
         skipped = set(info.ignores) | {"method", "aug", "aug1", "aug2"}
         if self.local_crops == 0:
             skipped |= {"local_size", "local_scale"}
+        if not self.finetune_labels:
+            skipped |= set(FINETUNE_FIELDS)
         identity: dict[str, Any] = {"v": IDENTITY_VERSION, "method": self.method}
         if self.method_version != 1:
             identity["method_version"] = self.method_version
@@ -152,8 +171,13 @@ class TrialConfig:
 
     def hash(self) -> str:
         """Stable hash of the identity: the same trial gets the same hash on any machine and release."""
-        payload = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return _digest(self.identity())
+
+    def pretraining_hash(self) -> str:
+        """The hash of what pretraining computes: the identity without the evaluation fields. Trials that
+        differ only in how they are evaluated share it, and so share one pretraining's weights."""
+        identity = {k: v for k, v in self.identity().items() if k not in EVALUATION_FIELDS}
+        return _digest({**identity, "part": "pretraining"})
 
     def replace(self, **changes: Any) -> TrialConfig:
         """A validated copy with `changes` (shared fields, runtime fields or settings of this method)."""
@@ -173,22 +197,68 @@ class TrialConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _digest(identity: Mapping[str, Any]) -> str:
+    payload = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+FINETUNE_FIELDS = (
+    "finetune_from",
+    "finetune_steps",
+    "finetune_batch",
+    "finetune_lr",
+    "finetune_weight_decay",
+    "finetune_aug",
+)
+# Fields that change how a trial is evaluated, not what it pretrains.
+EVALUATION_FIELDS = (
+    "knn_k",
+    "knn_t",
+    "probe_layers",
+    "val_fraction",
+    "knn_sweep",
+    "finetune_labels",
+    *FINETUNE_FIELDS,
+    "probe_dataset",
+)
 RUNTIME_FIELDS = ("data_dir", "device")
 SET_BY_SSLAB = ("data_fingerprint",)  # recorded with the trial, never given on the command line
 IMAGEFOLDER = "imagefolder:"
 _INTERNAL_FIELDS = ("settings", "method_version")
 FIELD_NAMES = tuple(f.name for f in fields(TrialConfig) if f.name not in _INTERNAL_FIELDS)
 SHARED_FIELDS = tuple(name for name in FIELD_NAMES if name not in RUNTIME_FIELDS)
-BACKBONES = ("smallcnn", "resnet18", "resnet50")  # sslab.models.backbones builds each
+BACKBONES = ("smallcnn", "resnet18", "resnet50", "vit_micro", "vit_tiny", "vit_small")  # models.backbones
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "lars", "adam", "adamw"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "probe_layers": ("h", "all"),
+    "finetune_from": ("h", "g1"),
     "backbone": BACKBONES,
+    "vit_pool": ("cls", "mean"),
 }
-_POSITIVE = ("epochs", "batch_size", "out_dim", "knn_k", "knn_t", "lr")
-_NON_NEGATIVE = ("head", "weight_decay", "momentum", "warmup_epochs", "seed", "local_crops", "local_size")
+_POSITIVE = (
+    "epochs",
+    "batch_size",
+    "out_dim",
+    "knn_k",
+    "knn_t",
+    "lr",
+    "finetune_steps",
+    "finetune_batch",
+    "resnet_width",
+)
+_NON_NEGATIVE = (
+    "head",
+    "weight_decay",
+    "momentum",
+    "warmup_epochs",
+    "seed",
+    "local_crops",
+    "local_size",
+    "finetune_lr",
+    "finetune_weight_decay",
+)
 
 
 def field_help() -> dict[str, str]:
@@ -221,7 +291,27 @@ def coerce_value(name: str, value: Any) -> Any:
     value = coerce(kind, nullable, name, value)
     if name == "local_scale" and isinstance(value, str):
         value = _canonical_range(value)
+    if name == "finetune_labels" and isinstance(value, str):
+        value = ",".join(format_value(p) for p in label_percents(value))
+    if name == "probe_dataset" and isinstance(value, str) and value.lower() in ("", "none"):
+        value = None
     return value
+
+
+def label_percents(text: str) -> tuple[float, ...]:
+    """The label percents of a `finetune_labels` value ("10, 1" -> (1.0, 10.0)), or a one-line ConfigError."""
+    percents: set[float] = set()
+    for part in (p.strip().removesuffix("%") for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            percent = float(part)
+        except ValueError:
+            percent = math.nan
+        if not 0 < percent <= 100:
+            raise ConfigError(f"finetune_labels: each entry must be a percent in (0, 100], got {part!r}")
+        percents.add(percent)
+    return tuple(sorted(percents))
 
 
 def _canonical_range(text: str) -> str:
@@ -366,10 +456,15 @@ def _problems(config: TrialConfig, info: MethodInfo) -> Iterator[str]:
     for name in _NON_NEGATIVE:
         if getattr(config, name) < 0:
             yield f"{name} must be >= 0 (got {getattr(config, name)})"
-    for name in ("image_size", "train_subset", "head_width"):
+    for name in ("image_size", "train_subset", "head_width", "patch_size"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             yield f"{name} must be > 0 (got {value})"
+    # Options of one kind of backbone are errors on another: they would split trials that compute the same.
+    if config.resnet_width != 1.0 and not config.backbone.startswith("resnet"):
+        yield f"resnet_width applies to ResNet backbones, not {config.backbone}"
+    if (config.patch_size is not None or config.vit_pool != "cls") and not config.backbone.startswith("vit_"):
+        yield f"patch_size and vit_pool apply to ViT backbones, not {config.backbone}"
     low, sep, high = config.local_scale.partition("-")
     try:
         if not sep or not 0 < float(low) <= float(high) <= 1:
@@ -389,6 +484,13 @@ def _problems(config: TrialConfig, info: MethodInfo) -> Iterator[str]:
             parse_steps(spec)
         except ConfigError as exc:
             yield str(exc)
+    if config.finetune_labels:
+        try:
+            parse_steps(config.finetune_aug)
+        except ConfigError as exc:
+            yield f"finetune_aug: {exc}"
+        if config.finetune_from == "g1" and config.head < 2 and "head" not in info.ignores:
+            yield "finetune_from=g1 needs a head with a hidden layer (head >= 2)"
     for name, setting in info.settings.items():
         yield from setting.problems(f"{config.method}.{name}", config.settings[name])
 
@@ -413,7 +515,7 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        if not is_known_key(key):
+        if not is_known_key(key) and key != "method_version":
             raise ConfigError(f"--set: {_unknown_key(key)}")
         result[key] = value.strip()
     return result

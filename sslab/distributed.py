@@ -136,7 +136,7 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        x = x.clone()
+        x = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(x)
         return x
 
@@ -161,6 +161,9 @@ class ProcessGather(Gather):
 
     def __call__(self, x: Tensor) -> Tensor:
         return gather_with_grad(x)
+
+    def sum(self, x: Tensor) -> Tensor:
+        return _AllReduceSum.apply(x)
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:
@@ -225,7 +228,7 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         dims = [0, *range(2, input.dim())]
         shape = [1, -1, *([1] * (input.dim() - 2))]
-        x = input.float()
+        x = input.to(torch.promote_types(input.dtype, torch.float32))  # half precision in float32
         local_count = x.new_tensor([input.numel() // input.shape[1]])
         sums = _AllReduceSum.apply(torch.cat([x.sum(dims), local_count]))  # (C + 1,)
         count = sums[-1].detach()

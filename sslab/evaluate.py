@@ -19,7 +19,7 @@ class FeatureSet:
     """Features of the un-augmented train and test images at one layer ('h', 'g1', 'g2', ...)."""
 
     layer: str
-    train: Tensor  # (N, D) float32, CPU
+    train: Tensor  # (N, D) float32, on the evaluation device
     test: Tensor  # (M, D)
 
 
@@ -33,10 +33,11 @@ def extract_features(
     all_layers: bool = False,
     batch_size: int = 1024,
 ) -> dict[str, Tensor]:
-    """Features of uint8 `images` (N, C, H, W): {'h': (N, D)} plus {'g1': ..., 'gK': ...} with all_layers."""
+    """Features of uint8 `images` (N, C, H, W): {'h': (N, D)} plus {'g1': ..., 'gK': ...} with all_layers,
+    float32 on `device`, where the probe and the kNN then run."""
     method.eval()
     mean, std = mean.to(device), std.to(device)
-    channels_last = device.type != "mps"
+    channels_last = device.type != "mps" and method.backbone.channels_last
     chunks: dict[str, list[Tensor]] = {}
     for start in range(0, images.shape[0], batch_size):
         x = (images[start : start + batch_size].to(device).float().div_(255.0) - mean) / std
@@ -48,7 +49,7 @@ def extract_features(
             for depth, g in enumerate(method.head.intermediate(h), start=1):
                 outputs[f"g{depth}"] = g
         for layer, value in outputs.items():
-            chunks.setdefault(layer, []).append(value.float().cpu())
+            chunks.setdefault(layer, []).append(value.float())
     return {layer: torch.cat(parts) for layer, parts in chunks.items()}
 
 
@@ -59,8 +60,8 @@ def _standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
 
 def _fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int) -> Tensor:
     """Multinomial logistic regression on standardised features, full-batch L-BFGS; returns (D+1, C)."""
-    weights = torch.zeros(x.shape[1] + 1, num_classes, requires_grad=True)
-    x1 = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)  # bias as an extra input
+    weights = torch.zeros(x.shape[1] + 1, num_classes, device=x.device, requires_grad=True)
+    x1 = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # bias as an extra input
     optimizer = torch.optim.LBFGS([weights], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
@@ -74,7 +75,7 @@ def _fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, m
 
 
 def _accuracy(weights: Tensor, x: Tensor, y: Tensor) -> float:
-    x1 = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+    x1 = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
     return (x1 @ weights).argmax(1).eq(y).float().mean().item()
 
 
@@ -86,7 +87,8 @@ class ProbeResult:
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Indices (train, val) with `fraction` of each class held out."""
+    """Indices (train, val) with `fraction` of each class held out, on the labels' device."""
+    device, labels = labels.device, labels.cpu()
     generator = torch.Generator().manual_seed(seed)
     train_parts, val_parts = [], []
     for cls in labels.unique():
@@ -95,7 +97,7 @@ def stratified_split(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Te
         cut = int(round(members.numel() * fraction))
         val_parts.append(members[:cut])
         train_parts.append(members[cut:])
-    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+    return torch.cat(train_parts).sort().values.to(device), torch.cat(val_parts).sort().values.to(device)
 
 
 def linear_probe(
@@ -159,7 +161,7 @@ def knn_top1(
     for start in range(0, test_x.shape[0], chunk):
         sims = test_x[start : start + chunk] @ train_x.T  # (B, N)
         top_sims, top_index = sims.topk(k, dim=1)  # (B, k)
-        votes = torch.zeros(sims.shape[0], num_classes)
+        votes = sims.new_zeros(sims.shape[0], num_classes)
         votes.scatter_add_(1, train_y[top_index], (top_sims / temperature).exp())
         correct += votes.argmax(1).eq(test_y[start : start + chunk]).sum().item()
     return correct / test_x.shape[0]
@@ -180,3 +182,31 @@ def knn_val_top1(
         k,
         temperature,
     )
+
+
+@torch.no_grad()
+def knn_grid(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    ks: tuple[int, ...],
+    temperatures: tuple[float, ...],
+    chunk: int = 1024,
+) -> dict[tuple[int, float], float]:
+    """Weighted-kNN top-1 at every (k, temperature) of a grid, from one similarity pass per test chunk."""
+    train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
+    ks = tuple(min(k, train_x.shape[0]) for k in ks)
+    correct = dict.fromkeys(((k, t) for k in ks for t in temperatures), 0.0)
+    for start in range(0, test_x.shape[0], chunk):
+        sims = test_x[start : start + chunk] @ train_x.T  # (B, N)
+        top_sims, top_index = sims.topk(max(ks), dim=1)  # (B, k_max), sorted: the first k are the k nearest
+        truth = test_y[start : start + chunk]
+        for k in ks:
+            neighbours = train_y[top_index[:, :k]]
+            for t in temperatures:
+                votes = sims.new_zeros(sims.shape[0], num_classes)
+                votes.scatter_add_(1, neighbours, (top_sims[:, :k] / t).exp())
+                correct[k, t] += votes.argmax(1).eq(truth).sum().item()
+    return {key: value / test_x.shape[0] for key, value in correct.items()}

@@ -24,6 +24,8 @@ class Metric:
     layered: bool = False  # also recorded per head layer (_g1, _g2, ..., _z)
     percent: bool = False  # an accuracy in [0, 1], shown in percent as in the papers
     split: str | None = None  # the data it is measured on: "test" (report only) | "val" (held out from train)
+    labelled: bool = False  # also recorded per share of the labels it used (`_10pct`, `_1pct`)
+    swept: bool = False  # also recorded per kNN grid point (`_k20_t0.05`)
 
 
 LINEAR_TOP1 = Metric(
@@ -46,6 +48,7 @@ KNN_TOP1 = Metric(
     layered=True,
     percent=True,
     split="test",
+    swept=True,
 )
 KNN_VAL_TOP1 = Metric(
     "knn_val_top1",
@@ -55,6 +58,60 @@ KNN_VAL_TOP1 = Metric(
     layered=True,
     percent=True,
     split="val",
+    swept=True,
+)
+KNN_SWEEP_TOP1 = Metric(
+    "knn_sweep_top1",
+    "maximize",
+    "weighted-kNN top-1 on the test set at the (k, temperature) of the grid best on the validation split",
+    percent=True,
+    split="test",
+)
+KNN_SWEEP_VAL_TOP1 = Metric(
+    "knn_sweep_val_top1",
+    "maximize",
+    "the best weighted-kNN top-1 of the grid on the validation split of train",
+    percent=True,
+    split="val",
+)
+KNN_SWEEP_K = Metric("knn_sweep_k", "minimize", "the k the kNN grid chose on the validation split")
+KNN_SWEEP_T = Metric("knn_sweep_t", "minimize", "the temperature the kNN grid chose on the validation split")
+FINETUNE_TOP1 = Metric(
+    "finetune_top1",
+    "maximize",
+    "top-1 on the test set after fine-tuning the whole backbone on the labels (_10pct: on 10% of them)",
+    percent=True,
+    split="test",
+    labelled=True,
+)
+FINETUNE_VAL_TOP1 = Metric(
+    "finetune_val_top1",
+    "maximize",
+    "top-1 on the validation split of train after fine-tuning on the rest (_10pct: on 10% of it)",
+    percent=True,
+    split="val",
+    labelled=True,
+)
+RANKME = Metric(
+    "rankme", "maximize", "effective rank of the backbone features (RankMe), no labels", per_epoch=True
+)
+ALIGNMENT = Metric(
+    "alignment",
+    "minimize",
+    "mean squared distance of two views' normalised features (Wang & Isola 2020), no labels",
+    per_epoch=True,
+)
+UNIFORMITY = Metric(
+    "uniformity",
+    "minimize",
+    "log mean Gaussian potential of normalised features over image pairs (Wang & Isola 2020), no labels",
+    per_epoch=True,
+)
+TEACHER_ENTROPY = Metric(
+    "teacher_entropy",
+    "maximize",
+    "mean entropy of DINO's teacher output distribution (0: one-hot, log K: uniform collapse)",
+    per_epoch=True,
 )
 LOSS = Metric("loss", "minimize", "mean training loss of the epoch", final=False, per_epoch=True)
 FINAL_LOSS = Metric("final_loss", "minimize", "mean training loss of the last epoch")
@@ -77,6 +134,16 @@ METRICS: dict[str, Metric] = {
         PROBE_WEIGHT_DECAY,
         KNN_TOP1,
         KNN_VAL_TOP1,
+        KNN_SWEEP_TOP1,
+        KNN_SWEEP_VAL_TOP1,
+        KNN_SWEEP_K,
+        KNN_SWEEP_T,
+        FINETUNE_TOP1,
+        FINETUNE_VAL_TOP1,
+        RANKME,
+        ALIGNMENT,
+        UNIFORMITY,
+        TEACHER_ENTROPY,
         LOSS,
         FINAL_LOSS,
         OUTPUT_STD,
@@ -89,6 +156,10 @@ METRICS: dict[str, Metric] = {
 }
 BASELINE_PREFIX = "baseline_"  # the same probe on the untrained backbone
 _LAYER = re.compile(r"^(.*?)(_g\d+|_z)$")
+_LABELLED = re.compile(r"^(.*?)_([0-9.]+)pct$")
+_SWEPT = re.compile(r"^(.*?)_k(\d+)_t([0-9.]+)$")
+KNN_GRID_K = (10, 20, 50, 100, 200)  # `knn_sweep`: Wu et al. 2018 use k=200, t=0.07; DINO k=20, t=0.07
+KNN_GRID_T = (0.02, 0.05, 0.07, 0.1, 0.2, 0.5)
 
 
 def layer_name(metric: Metric, layer: str) -> str:
@@ -101,10 +172,21 @@ def lookup(name: str) -> Metric | None:
     base = name.removeprefix(BASELINE_PREFIX)
     if base in METRICS:
         return METRICS[base]
-    match = _LAYER.match(base)
-    if match and match[1] in METRICS and METRICS[match[1]].layered:
-        return METRICS[match[1]]
+    for pattern, flag in ((_LAYER, "layered"), (_LABELLED, "labelled"), (_SWEPT, "swept")):
+        match = pattern.match(base)
+        if match and match[1] in METRICS and getattr(METRICS[match[1]], flag):
+            return METRICS[match[1]]
     return None
+
+
+def labelled_name(metric: Metric, percent: float) -> str:
+    """A labelled metric for one share of the labels: 100 -> `finetune_top1`, 10 -> `finetune_top1_10pct`."""
+    return metric.name if percent == 100 else f"{metric.name}_{percent:g}pct"
+
+
+def swept_name(metric: Metric, k: int, temperature: float) -> str:
+    """A kNN metric at one grid point: `knn_top1_k20_t0.05`."""
+    return f"{metric.name}_k{k}_t{temperature:g}"
 
 
 def is_metric(name: str) -> bool:
@@ -126,7 +208,12 @@ def validation_twin(name: str) -> str | None:
     metric = lookup(name)
     if metric is None or metric.split != "test":
         return None
-    twin = {LINEAR_TOP1.name: LINEAR_VAL_TOP1.name, KNN_TOP1.name: KNN_VAL_TOP1.name}[metric.name]
+    twin = {
+        LINEAR_TOP1.name: LINEAR_VAL_TOP1.name,
+        KNN_TOP1.name: KNN_VAL_TOP1.name,
+        KNN_SWEEP_TOP1.name: KNN_SWEEP_VAL_TOP1.name,
+        FINETUNE_TOP1.name: FINETUNE_VAL_TOP1.name,
+    }[metric.name]
     return twin + name.removeprefix(BASELINE_PREFIX).removeprefix(metric.name)
 
 

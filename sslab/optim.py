@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 from torch import nn
@@ -55,15 +55,27 @@ class LARS(torch.optim.Optimizer):
         return None
 
 
-def _split_decay(parameters: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(weights, biases and normalisation parameters): the second group gets no weight decay."""
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that modules list in timm's `no_weight_decay()` (pos_embed, cls_token)."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{name}" if prefix else name for name in listed()}
+    return names
+
+
+def _split_decay(
+    parameters: Iterable[nn.Parameter], no_decay_ids: Collection[int] = ()
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, then biases, norms and `no_decay_ids`): the second group gets no weight decay."""
     decay: list[nn.Parameter]
     no_decay: list[nn.Parameter]
     decay, no_decay = [], []
     for parameter in parameters:
         if not parameter.requires_grad:
             continue
-        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+        (no_decay if parameter.ndim <= 1 or id(parameter) in no_decay_ids else decay).append(parameter)
     return decay, no_decay
 
 
@@ -74,11 +86,14 @@ def scaled_lr(config: TrialConfig) -> float:
 def build_optimizer(
     config: TrialConfig, model: nn.Module, fixed_lr: Iterable[nn.Parameter] = ()
 ) -> torch.optim.Optimizer:
-    """Parameter groups: weights with decay, biases/norms without; `fixed_lr` ones skip the schedule."""
+    """Parameter groups: weights with decay; biases, norms, positional embeddings and class tokens without
+    (the ViT recipe of DeiT and timm's training script); `fixed_lr` ones skip the schedule."""
     fixed = list(fixed_lr)
     fixed_ids = {id(p) for p in fixed}
-    decay, no_decay = _split_decay(p for p in model.parameters() if id(p) not in fixed_ids)
-    fixed_decay, fixed_no_decay = _split_decay(fixed)
+    names = _no_decay_names(model)
+    skip = {id(p) for name, p in model.named_parameters() if name in names}
+    decay, no_decay = _split_decay((p for p in model.parameters() if id(p) not in fixed_ids), skip)
+    fixed_decay, fixed_no_decay = _split_decay(fixed, skip)
     lr = scaled_lr(config)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -9,23 +12,31 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 import sslab
-from sslab import distributed
-from sslab.config import TrialConfig
+from sslab import distributed, label_free, weights
+from sslab.config import FINETUNE_FIELDS, SHARED_FIELDS, TrialConfig
 from sslab.data import ImageDataset, load_dataset
-from sslab.errors import SslabError
-from sslab.evaluate import extract_features, knn_top1, knn_val_top1, linear_probe
+from sslab.data.resize import match_channels
+from sslab.errors import ConfigError, SslabError
+from sslab.evaluate import extract_features, knn_grid, knn_top1, knn_val_top1, linear_probe, stratified_split
+from sslab.finetune import derived_seed, finetune
 from sslab.methods.base import Method, build_method
 from sslab.metrics import (
     BASELINE_PREFIX,
     COLLAPSE_RATIO,
     FINAL_LOSS,
     IMAGES_PER_S,
+    KNN_GRID_K,
+    KNN_GRID_T,
+    KNN_SWEEP_K,
+    KNN_SWEEP_T,
+    KNN_SWEEP_TOP1,
+    KNN_SWEEP_VAL_TOP1,
     KNN_TOP1,
     KNN_VAL_TOP1,
     LINEAR_TOP1,
@@ -33,11 +44,21 @@ from sslab.metrics import (
     PROBE_WEIGHT_DECAY,
     TRAIN_SECONDS,
     layer_name,
+    swept_name,
 )
 from sslab.models import build_backbone
 from sslab.store import Provenance, Store
 from sslab.tracking import open_trackers
-from sslab.train import EpochRecord, Reporter, TrainResult, channel_stats, pretrain, resolve_device
+from sslab.train import (
+    EpochRecord,
+    Reporter,
+    TrainResult,
+    autocast_dtype,
+    channel_stats,
+    plan_views,
+    pretrain,
+    resolve_device,
+)
 
 DEFAULT_CHECKPOINT_DIR = Path("results/checkpoints")
 
@@ -99,17 +120,61 @@ def prepare_dataset(config: TrialConfig) -> ImageDataset:
     return dataset
 
 
-def build_model(config: TrialConfig, dataset: ImageDataset) -> Method:
+@dataclass(frozen=True)
+class DataFormat:
+    """What a model is built for and how its inputs are normalised: the pretraining data's format."""
+
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: Tensor  # (1, C, 1, 1), [0, 1] units
+    std: Tensor
+
+    @classmethod
+    def of(cls, dataset: ImageDataset) -> DataFormat:
+        mean, std = channel_stats(dataset.train_images)
+        return cls(dataset.channels, dataset.image_size, dataset.num_classes, mean, std)
+
+
+def build_model(config: TrialConfig, data: ImageDataset | DataFormat) -> Method:
     torch.manual_seed(config.seed)
-    backbone = build_backbone(config.backbone, dataset.channels, dataset.image_size, config.cifar_stem)
-    return build_method(config, backbone, dataset.num_classes)
+    backbone = build_backbone(
+        config.backbone,
+        data.channels,
+        data.image_size,
+        config.cifar_stem,
+        patch_size=config.patch_size,
+        vit_pool=config.vit_pool,
+        resnet_width=config.resnet_width,
+    )
+    return build_method(config, backbone, data.num_classes)
+
+
+def evaluation_dataset(config: TrialConfig, data: DataFormat) -> ImageDataset:
+    """The probe dataset of a transfer trial, fitted to the pretraining data's channels and image size."""
+    assert config.probe_dataset is not None
+    dataset = load_dataset(config.probe_dataset, data_dir=config.data_dir, image_size=data.image_size)
+    return match_channels(dataset, data.channels)
 
 
 def evaluate(
-    method: Method, config: TrialConfig, dataset: ImageDataset, device: torch.device
+    method: Method,
+    config: TrialConfig,
+    dataset: ImageDataset,
+    device: torch.device,
+    mean: Tensor | None = None,
+    std: Tensor | None = None,
 ) -> dict[str, float]:
-    """Linear-probe and kNN test top-1 on frozen features at h (and every head layer if asked)."""
-    mean, std = channel_stats(dataset.train_images)
+    """Linear-probe and kNN test top-1 on frozen features at h (and every head layer if asked).
+
+    Inputs are normalised by `mean` and `std` (default: those of `dataset`; a transfer trial passes the
+    pretraining data's, which the backbone was trained with).
+    """
+    if mean is None or std is None:
+        mean, std = channel_stats(dataset.train_images)
+    dataset = dataclasses.replace(
+        dataset, train_labels=dataset.train_labels.to(device), test_labels=dataset.test_labels.to(device)
+    )
     all_layers = config.probe_layers == "all"
     train = extract_features(method, dataset.train_images, mean, std, device, all_layers)
     test = extract_features(method, dataset.test_images, mean, std, device, all_layers)
@@ -145,10 +210,35 @@ def evaluate(
                 config.knn_k,
                 config.knn_t,
             )
+    if config.knn_sweep:
+        metrics.update(_knn_sweep(config, train["h"], test["h"], dataset))
     deepest = max((int(layer[1:]) for layer in train if layer != "h"), default=0)
     if deepest:  # z = g(h), the head's output, whatever its depth (SimCLR Fig. 8 probes h against z)
         for metric in (LINEAR_TOP1, KNN_TOP1):
             metrics[layer_name(metric, "z")] = metrics[layer_name(metric, f"g{deepest}")]
+    return metrics
+
+
+def _knn_sweep(config: TrialConfig, train: Tensor, test: Tensor, dataset: ImageDataset) -> dict[str, float]:
+    """kNN top-1 over the (k, temperature) grid on test, and with a validation split, on it too, with the
+    test number at the pair the split chose (`knn_sweep_top1`)."""
+    args = (dataset.num_classes, KNN_GRID_K, KNN_GRID_T)
+    grid = knn_grid(train, dataset.train_labels, test, dataset.test_labels, *args)
+    metrics = {swept_name(KNN_TOP1, k, t): top1 for (k, t), top1 in grid.items()}
+    if config.val_fraction > 0:
+        fit, val = stratified_split(dataset.train_labels, config.val_fraction)
+        labels = dataset.train_labels
+        val_grid = knn_grid(train[fit], labels[fit], train[val], labels[val], *args)
+        metrics.update({swept_name(KNN_VAL_TOP1, k, t): top1 for (k, t), top1 in val_grid.items()})
+        k, t = max(val_grid, key=lambda key: (val_grid[key], key[0], key[1]))  # ties: the larger k, t
+        metrics.update(
+            {
+                KNN_SWEEP_TOP1.name: grid[k, t],
+                KNN_SWEEP_VAL_TOP1.name: val_grid[k, t],
+                KNN_SWEEP_K.name: k,
+                KNN_SWEEP_T.name: t,
+            }
+        )
     return metrics
 
 
@@ -164,6 +254,8 @@ def run_trial(
     epoch_hook: Callable[[Method, EpochRecord, dict[str, float]], None] | None = None,
     baseline_cache: dict[tuple[Any, ...], dict[str, float]] | None = None,
     log: Sequence[str] = (),
+    weights_dir: Path | None = None,
+    keep_weights: bool = True,
 ) -> TrialOutcome:
     """Pretrain and evaluate `config`, recording everything in `store`.
 
@@ -172,9 +264,13 @@ def run_trial(
     trials that share its `baseline_key`. `log` names trackers (`tensorboard`, `wandb`) that also get the
     per-epoch and final metrics.
 
-    A config whose hash is already `done` in the store is not trained again unless `force`. With `resume`,
-    training continues from the trial's last per-epoch checkpoint. Failures are recorded with their reason;
-    an interruption (Ctrl-C) is recorded as `interrupted` and re-raised.
+    A config whose hash is already `done` in the store is not trained again unless `force`. Trained weights
+    are kept in `weights_dir` (`sslab.weights`) under the trial's pretraining hash, and a trial that differs
+    from a finished one only in its evaluation (probe dataset, fine-tuning, kNN sweep, ...) loads them
+    instead of pretraining, if the trial that trained them is done in `store` (not with `force`); its
+    per-epoch rows are those of the pretraining it reuses, and the trial records which (`pretrained_from`).
+    With `resume`, training continues from the trial's last per-epoch checkpoint. Failures are recorded with
+    their reason; an interruption (Ctrl-C) is recorded as `interrupted` and re-raised.
     Under torchrun every process trains its share of each batch; the main process alone evaluates and
     records the trial, the others wait for its record and return it.
     """
@@ -188,27 +284,47 @@ def run_trial(
             collapsed=existing.collapsed,
             wall_time_s=existing.wall_time_s,
         )
+    if config.method_version != config.info.version:
+        raise ConfigError(
+            f"{config.method} behaviour version {config.method_version} is found in the store, not trained: "
+            f"this release trains version {config.info.version} (leave method_version out)"
+        )
     device = distributed.init(resolve_device(config.device))  # this process's device under torchrun
     distributed.check_method(config.info)
     distributed.local_batch_size(config.batch_size)  # the global batch must split over the processes
-    dataset = dataset if dataset is not None else prepare_dataset(config)
+    pretrained = None if force else _reusable(config, store, weights_dir)
+    if dataset is None and (pretrained is None or config.probe_dataset is None):
+        dataset = prepare_dataset(config)
     checkpoint = checkpoint_dir / f"{config.hash()}.pt"
     if not distributed.is_main():
-        return _train_alongside(config, store, dataset, device, checkpoint, resume)
+        return _train_alongside(config, store, dataset, device, checkpoint, resume, pretrained)
     trackers = open_trackers(log, config) if log else []
     trial_id = store.begin_trial(config, provenance(device))
     started = time.perf_counter()
     try:
-        method = build_model(config, dataset)
+        assert dataset is not None or pretrained is not None
+        data = _format(pretrained) if pretrained is not None else DataFormat.of(cast(ImageDataset, dataset))
+        probe_data = evaluation_dataset(config, data) if config.probe_dataset else cast(ImageDataset, dataset)
+        method = build_model(config, data)
         method.to(device)
         key = baseline_key(config, device)
+        stored_key = baseline_hash(config, device)
         if baseline_cache is not None and key in baseline_cache:
             baseline = baseline_cache[key]
         else:
-            baseline = evaluate(method, config.replace(probe_layers="h"), dataset, device)
+            baseline = store.baseline(stored_key) or {}
+            if not baseline:
+                baseline_config = config.replace(probe_layers="h", knn_sweep=False, finetune_labels="")
+                baseline = evaluate(method, baseline_config, probe_data, device, data.mean, data.std)
+                store.save_baseline(stored_key, baseline)
             if baseline_cache is not None:
                 baseline_cache[key] = baseline
-        store.log_metrics(trial_id, baseline_prefixed(baseline))
+        if pretrained is None:
+            measure = _label_free(config, cast(ImageDataset, dataset), data, device)
+            label_free_baseline = measure(method)
+        else:
+            label_free_baseline = pretrained.baseline
+        store.log_metrics(trial_id, baseline_prefixed({**baseline, **label_free_baseline}))
 
         def record_epoch(record: EpochRecord) -> None:
             extra: dict[str, float] = {}
@@ -222,18 +338,47 @@ def run_trial(
                 for tracker in trackers:
                     tracker.epoch(record.epoch, {**record.metrics(), **extra})
 
-        result: TrainResult = pretrain(
-            method,
-            config,
-            dataset.train_images,
-            dataset.train_labels,
-            device,
-            checkpoint=checkpoint,
-            resume=resume,
-            reporter=reporter,
-            on_epoch=record_epoch,
-        )
-        metrics = evaluate(method, config, dataset, device)
+        if pretrained is None:
+            assert dataset is not None
+            result: TrainResult = pretrain(
+                method,
+                config,
+                dataset.train_images,
+                dataset.train_labels,
+                device,
+                checkpoint=checkpoint,
+                resume=resume,
+                reporter=reporter,
+                on_epoch=record_epoch,
+                measure=measure,
+            )
+            if keep_weights:
+                weights.save(_trained_weights(config, method, data, result, label_free_baseline), weights_dir)
+        else:
+            method.load_state_dict(pretrained.state)
+            method.eval()
+            result = _reused_history(pretrained)
+            for record in result.history:
+                record_epoch(record)
+            store.set_pretrained_from(trial_id, pretrained.trial_hash)
+        metrics = evaluate(method, config, probe_data, device, data.mean, data.std)
+        if config.finetune_labels:
+            metrics.update(
+                finetune(
+                    method,
+                    config,
+                    probe_data.train_images,
+                    probe_data.train_labels,
+                    probe_data.test_images,
+                    probe_data.test_labels,
+                    probe_data.num_classes,
+                    data.mean,
+                    data.std,
+                    device,
+                    autocast_dtype(config.precision, device),
+                )
+            )
+        metrics.update(result.history[-1].extra)  # the label-free metrics of the last epoch
         metrics[TRAIN_SECONDS.name] = result.train_seconds
         metrics[IMAGES_PER_S.name] = result.images_per_s
         metrics[FINAL_LOSS.name] = result.history[-1].loss
@@ -262,32 +407,98 @@ def run_trial(
         trial_id,
         config.hash(),
         "done",
-        {**baseline_prefixed(baseline), **metrics},
+        {**baseline_prefixed({**baseline, **label_free_baseline}), **metrics},
         collapsed=result.collapsed,
         wall_time_s=wall,
     )
 
 
+def _reusable(config: TrialConfig, store: Store, weights_dir: Path | None) -> weights.TrainedWeights | None:
+    """Kept weights of this trial's pretraining, if the trial that trained them is done in this store (so
+    that `pretrained_from` names a trial the store holds)."""
+    kept = weights.load(config.pretraining_hash(), weights_dir)
+    if kept is None:
+        return None
+    source = store.find(kept.trial_hash)
+    return kept if source is not None and source.status == "done" else None
+
+
+def _label_free(
+    config: TrialConfig, dataset: ImageDataset, data: DataFormat, device: torch.device
+) -> Callable[[Method], dict[str, float]]:
+    """RankMe, alignment and uniformity of a method's backbone on a fixed sample of the training images."""
+    sample = label_free.sample_indices(dataset.train_images.shape[0], derived_seed(config.seed, "label-free"))
+    images = dataset.train_images[sample].to(device)
+    views = plan_views(config, data.image_size)
+    mean, std = data.mean.to(device), data.std.to(device)
+    seed = derived_seed(config.seed, "label-free-views")
+
+    def measure(method: Method) -> dict[str, float]:
+        channels_last = device.type != "mps" and bool(getattr(method.backbone, "channels_last", True))
+        return label_free.measure(method.backbone, images, views, mean, std, seed, channels_last)
+
+    return measure
+
+
+def _format(pretrained: weights.TrainedWeights) -> DataFormat:
+    return DataFormat(
+        pretrained.channels, pretrained.image_size, pretrained.num_classes, pretrained.mean, pretrained.std
+    )
+
+
+def _trained_weights(
+    config: TrialConfig,
+    method: Method,
+    data: DataFormat,
+    result: TrainResult,
+    baseline: dict[str, float],
+) -> weights.TrainedWeights:
+    return weights.TrainedWeights(
+        pretraining_hash=config.pretraining_hash(),
+        trial_hash=config.hash(),
+        config=config.record(),
+        state=method.state_dict(),
+        channels=data.channels,
+        image_size=data.image_size,
+        num_classes=data.num_classes,
+        mean=data.mean,
+        std=data.std,
+        history=[record.__dict__ for record in result.history],
+        baseline=baseline,
+        train_seconds=result.train_seconds,
+        images_per_s=result.images_per_s,
+        collapsed=result.collapsed,
+    )
+
+
+def _reused_history(pretrained: weights.TrainedWeights) -> TrainResult:
+    history = [EpochRecord(**record) for record in pretrained.history]
+    return TrainResult(history=history, train_seconds=pretrained.train_seconds)
+
+
 def _train_alongside(
     config: TrialConfig,
     store: Store,
-    dataset: ImageDataset,
+    dataset: ImageDataset | None,
     device: torch.device,
     checkpoint: Path,
     resume: bool,
+    pretrained: weights.TrainedWeights | None,
 ) -> TrialOutcome:
-    """A process other than the main one: trains its share of every batch, then returns the main
-    process's record of the trial."""
-    method = build_model(config, dataset)
-    pretrain(
-        method,
-        config,
-        dataset.train_images,
-        dataset.train_labels,
-        device,
-        checkpoint=checkpoint,
-        resume=resume,
-    )
+    """A process other than the main one: trains its share of every batch (unless the main process reuses
+    kept weights), then returns the main process's record of the trial."""
+    if pretrained is None:
+        assert dataset is not None
+        method = build_model(config, dataset)
+        pretrain(
+            method,
+            config,
+            dataset.train_images,
+            dataset.train_labels,
+            device,
+            checkpoint=checkpoint,
+            resume=resume,
+        )
     distributed.barrier()
     row = store.find(config.hash())
     if row is None:
@@ -311,12 +522,53 @@ def baseline_key(config: TrialConfig, device: torch.device) -> tuple[Any, ...]:
         config.train_subset,
         config.backbone,
         config.cifar_stem,
+        config.resnet_width,
+        config.patch_size,
+        config.vit_pool,
         config.seed,
         config.knn_k,
         config.knn_t,
         config.val_fraction,
+        config.probe_dataset,
         device.type,
     )
+
+
+# Fields the random-init probe does not depend on: what is trained and how, not the data, the initial backbone
+# or the probe. A field missing here only splits the stored baselines, never merges different ones.
+_NOT_IN_BASELINE = {
+    "method",
+    "aug",
+    "aug1",
+    "aug2",
+    "head",
+    "head_width",
+    "out_dim",
+    "head_bn",
+    "local_crops",
+    "local_size",
+    "local_scale",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "warmup_epochs",
+    "epochs",
+    "batch_size",
+    "precision",
+    "sync_bn",
+    "probe_layers",
+    "knn_sweep",
+    "finetune_labels",
+    *FINETUNE_FIELDS,
+}
+
+
+def baseline_hash(config: TrialConfig, device: torch.device) -> str:
+    """The key of a stored random-init baseline: every field it may depend on, as set, and the device type."""
+    fields = {name: getattr(config, name) for name in SHARED_FIELDS if name not in _NOT_IN_BASELINE}
+    payload = json.dumps({**fields, "device": device.type, "v": 1}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def baseline_prefixed(baseline: dict[str, float]) -> dict[str, float]:

@@ -94,6 +94,8 @@ class TrialRow(Base):
     # the other holds the identity (`config_hash`), this one keeps its old hash and stays listed.
     duplicate_of: Mapped[str | None] = mapped_column(String(32), nullable=True)
     threads: Mapped[int | None] = mapped_column(Integer, nullable=True)  # torch CPU threads it ran with
+    # The trial whose kept weights this one evaluated instead of pretraining (same pretraining identity).
+    pretrained_from: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -118,6 +120,16 @@ class MetricRow(Base):
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
     epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: a final metric
+
+
+class BaselineRow(Base):
+    """The random-init probe of one (data, backbone, seed, probe settings), computed once for every trial."""
+
+    __tablename__ = "sslab_baselines"
+
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)  # sslab.runner.baseline_hash
+    metrics_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class StudyRow(Base):
@@ -407,8 +419,32 @@ class Store:
             row.device, row.torch_version = provenance.device, provenance.torch_version
             row.sslab_version, row.git_commit = provenance.sslab_version, provenance.git_commit
             row.hostname, row.threads = provenance.hostname, provenance.threads
+            row.pretrained_from = None
             session.flush()
             return row.id
+
+    def baseline(self, key: str) -> dict[str, float] | None:
+        """The stored random-init baseline under `key`, or None."""
+        with self.session() as session:
+            row = session.get(BaselineRow, key)
+            return None if row is None else dict(json.loads(row.metrics_json))
+
+    def save_baseline(self, key: str, metrics: Mapping[str, float]) -> None:
+        """Store a baseline; one computed meanwhile by another process under the same key is kept."""
+        try:
+            with self.session() as session:
+                if session.get(BaselineRow, key) is None:
+                    session.add(
+                        BaselineRow(key=key, metrics_json=json.dumps(dict(metrics)), created_at=_now())
+                    )
+        except IntegrityError:
+            pass
+
+    def set_pretrained_from(self, trial_id: int, config_hash: str) -> None:
+        with self.session() as session:
+            row = session.get(TrialRow, trial_id)
+            if row is not None:
+                row.pretrained_from = config_hash
 
     def log_metrics(self, trial_id: int, metrics: Mapping[str, float], epoch: int | None = None) -> None:
         with self.session() as session:
@@ -516,6 +552,16 @@ class Store:
     def study(self, name: str) -> StudyRow | None:
         with self.session() as session:
             return session.get(StudyRow, name)
+
+    def keep_study_trials(self, study: str, hashes: Iterable[str]) -> None:
+        """Keep only these of a study's membership records (a grid's cells; a trial of a method's older
+        behaviour is left in the store, out of the study that now has the new one)."""
+        with self.session() as session:
+            session.execute(
+                delete(StudyTrialRow).where(
+                    StudyTrialRow.study == study, StudyTrialRow.config_hash.not_in(list(hashes))
+                )
+            )
 
     def forget_study_trials(self, study: str) -> None:
         """Drop a study's membership records (the trials themselves stay in the store)."""

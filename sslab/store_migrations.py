@@ -7,6 +7,8 @@
   new rules are reported and kept apart (`duplicate_of`), never merged.
 - Schema 2: each trial records the CPU threads it ran with (`threads`; unknown for older trials).
 - Schema 3: each worker records its scheduler job (`job`, e.g. a SLURM array task).
+- Schema 4: a trial that evaluated another's kept weights instead of pretraining names it (`pretrained_from`);
+  random-init baselines are stored once (`sslab_baselines`, created with the other tables).
 
 Migrations use plain SQL on one connection inside the caller's transaction, so that a failure leaves the store
 as it was; a lock taken first makes concurrent openers wait and then find the work done.
@@ -23,7 +25,7 @@ from sqlalchemy.engine import Connection
 
 from sslab.errors import ConfigError, SslabError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass
@@ -84,6 +86,8 @@ def migrate(connection: Connection, target: int = SCHEMA_VERSION) -> Migration |
         _add_column(connection, "sslab_trials", "threads", "INTEGER")
     if result.from_version < 3:
         _add_column(connection, "sslab_workers", "job", "VARCHAR(64)")
+    if result.from_version < 4:
+        _add_column(connection, "sslab_trials", "pretrained_from", "VARCHAR(32)")
     _set_version(connection, target)
     summary = f"results store migrated from schema {result.from_version} to {target}"
     if result.from_version < 1:
@@ -108,7 +112,9 @@ def _canonical_identities(connection: Connection, result: Migration) -> None:
     groups: dict[str, list[tuple[int, str, str, dict[str, Any]]]] = {}
     for trial_id, old_hash, config_json, status in rows:
         try:
-            config = from_mapping(json.loads(config_json), f"trial {trial_id}", other_methods="ignore")
+            # Schema-0 trials were computed by the first behaviour of every method.
+            record = {"method_version": 1, **json.loads(config_json)}
+            config = from_mapping(record, f"trial {trial_id}", other_methods="ignore")
         except (ConfigError, ValueError) as exc:
             result.unreadable.append((trial_id, str(exc).splitlines()[0]))
             continue

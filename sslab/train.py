@@ -24,6 +24,7 @@ from sslab.metrics import COLLAPSE_RATIO, EPOCH_SECONDS, IMAGES_PER_S, LOSS, LR,
 from sslab.optim import build_optimizer, lr_at, scaled_lr
 from sslab.runtime import tune_allocator
 
+READBACK_STEPS = 25  # on an accelerator: steps between reads of the loss (progress, non-finite check)
 COLLAPSED_BELOW = 0.1  # a collapse ratio below this (output std < 0.1/sqrt(d)): the outputs have collapsed
 
 
@@ -40,9 +41,11 @@ class EpochRecord:
     lr: float
     images_per_s: float
     seconds: float
+    extra: dict[str, float] = field(default_factory=dict)  # what `pretrain(measure=...)` measured
 
     def metrics(self) -> dict[str, float]:
         return {
+            **self.extra,
             LOSS.name: self.loss,
             OUTPUT_STD.name: self.output_std,
             COLLAPSE_RATIO.name: self.collapse_ratio,
@@ -161,6 +164,20 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return max(1, num_images // batch_size)
 
 
+def _global_rng(device: torch.device) -> dict[str, Any]:
+    """The state of torch's global generators, which methods draw from (MoCo's shuffle, InstDisc's bank)."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_global_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -179,10 +196,12 @@ def pretrain(
     resume: bool = False,
     reporter: Reporter | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    measure: Callable[[Method], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Pretrain `method` on uint8 `images` (N, C, H, W) held on `device`; returns the per-epoch history.
 
-    `on_epoch` runs after each epoch's checkpoint is written (the store records metrics there).
+    `on_epoch` runs after each epoch's checkpoint is written (the store records metrics there). `measure`
+    runs before it (label-free metrics): what it returns is kept in the epoch's record and checkpoint.
     Under torchrun `config.batch_size` is the global batch: each process trains on its own contiguous share
     of every batch, gradients are averaged over the processes, and only the main process reports progress,
     writes checkpoints and calls `on_epoch`.
@@ -196,7 +215,7 @@ def pretrain(
     views = plan_views(config, images.shape[-1])
     mean, std = (t.to(device) for t in channel_stats(images))
     images, labels = images.to(device), labels.to(device)
-    channels_last = device.type != "mps"
+    channels_last = device.type != "mps" and method.backbone.channels_last
     method.to(device)
     if channels_last:
         method.to(memory_format=torch.channels_last)
@@ -227,6 +246,9 @@ def pretrain(
         rng_states = state.get("augment_rng_ranks", [])  # one per process
         rng_state = rng_states[rank] if len(rng_states) == distributed.world_size() else state["augment_rng"]
         augment_rng.set_state(rng_state.cpu() if device.type == "cpu" else rng_state)
+        global_states = state.get("global_rng_ranks", [])  # torch's own generators (MoCo's shuffle, ...)
+        if len(global_states) == distributed.world_size():
+            _set_global_rng(global_states[rank], device)
         result.history = [EpochRecord(**r) for r in state["history"]]
         result.train_seconds = state["train_seconds"]
         start_epoch = result.resumed_from_epoch = state["epoch"]
@@ -240,7 +262,9 @@ def pretrain(
         epoch_start = time.perf_counter()
         order = torch.randperm(images.shape[0], generator=sampler)
         loss_sum = torch.zeros((), device=device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, -1: none
         std_sum = torch.zeros((), device=device)
+        method_sums: dict[str, Tensor] = {}  # the method's own diagnostics, summed over the epoch's steps
         width = 1
         lr = base_lr
         for index in range(per_epoch):
@@ -268,9 +292,14 @@ def pretrain(
                 out = method(batch_views, labels[batch_index], context)
             loss = out.loss.float()
             mean_loss = distributed.all_reduce_mean(loss.detach())  # the global batch's; all processes stop
-            if not torch.isfinite(mean_loss):
+            # On an accelerator the first non-finite step is noted on the device and read back every
+            # READBACK_STEPS steps, so the step never waits for the host; a CPU has nothing to wait for.
+            first_bad = torch.where(~torch.isfinite(mean_loss) & (first_bad < 0), step, first_bad)
+            read_back = device.type == "cpu" or (index + 1) % READBACK_STEPS == 0 or index + 1 == per_epoch
+            if read_back and int(first_bad) >= 0:
+                bad_step = int(first_bad)
                 raise TrialFailed(
-                    f"non-finite loss ({mean_loss.item()}) at epoch {epoch + 1}, step {index + 1}"
+                    f"non-finite loss at epoch {bad_step // per_epoch + 1}, step {bad_step % per_epoch + 1}"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -283,9 +312,14 @@ def pretrain(
                 embedding = F.normalize(out.embedding.detach().float(), dim=1)
                 width = embedding.shape[1]
                 std_sum += embedding.std(dim=0).mean()
+                for name, value in out.metrics.items():
+                    value = torch.as_tensor(value, dtype=torch.float32, device=device).detach()
+                    method_sums[name] = method_sums.get(name, torch.zeros((), device=device)) + value
                 loss_sum += mean_loss
             elapsed = time.perf_counter() - epoch_start
-            reporter.step(step + 1, mean_loss.item(), (index + 1) * config.batch_size / max(elapsed, 1e-9))
+            if read_back:
+                rate = (index + 1) * config.batch_size / max(elapsed, 1e-9)
+                reporter.step(step + 1, mean_loss.item(), rate)
         seconds = time.perf_counter() - epoch_start
         output_std = distributed.all_reduce_mean(std_sum / per_epoch).item()
         record = EpochRecord(
@@ -297,10 +331,17 @@ def pretrain(
             images_per_s=per_epoch * config.batch_size / seconds,
             seconds=seconds,
         )
+        record.extra = {
+            name: distributed.all_reduce_mean(total / per_epoch).item() for name, total in method_sums.items()
+        }
+        if measure is not None and main:
+            record.extra.update(measure(method))
+            method.train()
         result.history.append(record)
         result.train_seconds += seconds
         if checkpoint is not None:
             rng_states = distributed.all_gather_objects(augment_rng.get_state())
+            global_states = distributed.all_gather_objects(_global_rng(device))
         if checkpoint is not None and main:
             _save_checkpoint(
                 checkpoint,
@@ -312,6 +353,7 @@ def pretrain(
                     "sampler": sampler.get_state(),
                     "augment_rng": augment_rng.get_state(),
                     "augment_rng_ranks": rng_states,
+                    "global_rng_ranks": global_states,
                     "history": [r.__dict__ for r in result.history],
                     "train_seconds": result.train_seconds,
                 },

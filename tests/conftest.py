@@ -24,3 +24,9 @@ def postgres_url() -> Iterator[str]:
     with admin.connect() as connection:
         connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
     admin.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _weights_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test keeps trained weights in a folder of its own, never in the checkout's results/."""
+    monkeypatch.setenv("SSLAB_WEIGHTS_DIR", str(tmp_path_factory.mktemp("weights")))

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from sslab.runner import run_trial
 from sslab.store import Store, StoreWarning
 from sslab.store_migrations import SCHEMA_VERSION
 from sslab.study import load_plan
 from sslab.study.scheduler import RunOptions, run_study
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store-v0"
+# Methods whose behaviour version this release raised (losses in float32 under autocast).
+CHANGED_SINCE = {"simclr", "moco", "dino", "barlow", "swav"}
 
 
 @pytest.fixture
@@ -37,7 +40,7 @@ def test_old_store_opens_with_the_same_trials_and_metrics(old_store: str) -> Non
     with pytest.warns(StoreWarning) as caught:
         store = Store(old_store)
     notes = [str(w.message) for w in caught]
-    assert "migrated from schema 0 to 3: 9 trial(s) re-identified" in notes[0]
+    assert f"migrated from schema 0 to {SCHEMA_VERSION}: 9 trial(s) re-identified" in notes[0]
     assert any("trials 9 and 10 are one trial" in note for note in notes)  # `color` and `color(s=1)`
     frame = store.results_frame().set_index("id")
     for (trial_id, metric), (_, method, value) in expected().items():
@@ -45,24 +48,31 @@ def test_old_store_opens_with_the_same_trials_and_metrics(old_store: str) -> Non
         assert frame.loc[trial_id, "status"] == "done"
     assert len(frame) == 10
     assert frame.loc[10, "duplicate_of"] == frame.loc[9, "hash"] and frame["duplicate_of"].notna().sum() == 1
-    assert not frame["older_behaviour"].any()
+    # computed by the first behaviour of every method: older where this release changed the method
+    assert set(frame.loc[frame["older_behaviour"], "method"]) == CHANGED_SINCE
+    assert not frame.loc[~frame["method"].isin(CHANGED_SINCE), "older_behaviour"].any()
     with sqlite3.connect(old_store.removeprefix("sqlite:///")) as db:
         (version,) = db.execute("SELECT value FROM sslab_meta WHERE key = 'schema_version'").fetchone()
     assert int(version) == SCHEMA_VERSION
     assert Store(old_store).migration is None  # once only
 
 
-def test_rerunning_the_old_study_trains_nothing(old_store: str) -> None:
-    def no_training(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a trial of the old study was trained again")
+def test_rerunning_the_old_study_trains_only_the_methods_this_release_changed(old_store: str) -> None:
+    trained: list[str] = []
+
+    def recording(config, store, **kwargs):  # type: ignore[no-untyped-def]
+        trained.append(config.method)
+        return run_trial(config, store, **kwargs)
 
     with pytest.warns(StoreWarning):
         Store(old_store)
     plan = load_plan(str(FIXTURE / "study.toml"))
-    result = run_study(plan, old_store, RunOptions(), trial_runner=no_training)
-    assert result.trained == 0 and result.counts == {"done": 8}
+    result = run_study(plan, old_store, RunOptions(), trial_runner=recording)
+    assert set(trained) == CHANGED_SINCE and result.counts == {"done": 8}
+    assert trained.count("simclr") == 2 and result.trained == len(trained) == 6
     stored = {row.config_hash for row in Store(old_store).trials()}
     assert {cell.hash for cell in plan.cells} <= stored
+    assert len(stored) == 10 + 6  # the old trials stay, beside the new behaviour's
 
 
 def test_a_rerun_with_sslab_run_finds_the_old_trial(old_store: str) -> None:
@@ -71,14 +81,18 @@ def test_a_rerun_with_sslab_run_finds_the_old_trial(old_store: str) -> None:
     from sslab.cli import app
 
     tiny = ["--dataset", "synthetic", "--train-subset", "256", "--epochs", "1", "--batch-size", "64"]
+    old_behaviour = ["--set", "method_version=1"]  # simclr changed since: its first behaviour is looked up
     for aug in ("crop,color", "crop(scale=0.08-1),color(s=1)"):
-        result = CliRunner().invoke(app, ["run", *tiny, "--aug", aug, "--db", old_store])
+        result = CliRunner().invoke(app, ["run", *tiny, "--aug", aug, *old_behaviour, "--db", old_store])
         assert result.exit_code == 0 and "already done as trial 9" in result.output, result.output
+    result = CliRunner().invoke(app, ["run", *tiny, "--aug", "crop", *old_behaviour, "--db", old_store])
+    assert result.exit_code == 2 and "version 1 is found in the store, not trained" in result.output
 
 
 @pytest.mark.skipif(os.cpu_count() != 2, reason="the fixture's numbers were computed with 2 CPU threads")
 def test_this_release_computes_the_numbers_the_old_one_recorded(tmp_path: Path, monkeypatch) -> None:
-    """Moving the settings into the methods changed no arithmetic: fresh trials equal the stored ones."""
+    """Moving the settings into the methods changed no arithmetic: fresh trials equal the stored ones, also
+    for the methods whose behaviour version changed since (only their mixed-precision numbers changed)."""
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     plan = load_plan(str(FIXTURE / "study.toml"))
@@ -99,12 +113,13 @@ def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postg
     monkeypatch.chdir(tmp_path)
     source = create_engine(f"sqlite:///{FIXTURE / 'store.db'}")
     target = create_engine(postgres_url)
-    old_tables = [t for t in Base.metadata.sorted_tables if t.name != "sslab_meta"]
+    new_tables = ("sslab_meta", "sslab_baselines")  # schemas 1 and 4
+    old_tables = [t for t in Base.metadata.sorted_tables if t.name not in new_tables]
     Base.metadata.create_all(target, tables=old_tables)
     fixture = MetaData()
     fixture.reflect(source, only=[t.name for t in old_tables])
     with source.connect() as reading, target.begin() as writing:
-        for column in ("duplicate_of", "threads"):  # added by schemas 1 and 2
+        for column in ("duplicate_of", "threads", "pretrained_from"):  # added by schemas 1, 2 and 4
             writing.execute(text(f"ALTER TABLE sslab_trials DROP COLUMN {column}"))
         writing.execute(text("ALTER TABLE sslab_workers DROP COLUMN job"))  # added by schema 3
         for table in old_tables:
@@ -117,14 +132,18 @@ def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postg
             )
     source.dispose()
     target.dispose()
-    with pytest.warns(StoreWarning, match="migrated from schema 0 to 3"):
+    with pytest.warns(StoreWarning, match=f"migrated from schema 0 to {SCHEMA_VERSION}"):
         store = Store(postgres_url)
     frame = store.results_frame().set_index("id")
     for (trial_id, metric), (_, method, value) in expected().items():
         assert frame.loc[trial_id, "method"] == method and frame.loc[trial_id, metric] == pytest.approx(value)
     plan = load_plan(str(FIXTURE / "study.toml"))
 
-    def no_training(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a trial of the old study was trained again")
+    trained: list[str] = []
 
-    assert run_study(plan, postgres_url, RunOptions(), trial_runner=no_training).trained == 0
+    def recording(config, store, **kwargs):  # type: ignore[no-untyped-def]
+        trained.append(config.method)
+        return run_trial(config, store, **kwargs)
+
+    assert run_study(plan, postgres_url, RunOptions(), trial_runner=recording).trained == 6
+    assert set(trained) == CHANGED_SINCE

@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sslab.errors import AugmentError
+
 from .color import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, to_gray
+from .color_space import rgb_to_lab_unit
 from .signatures import SIGNATURES, OpSignature, Param, Range, Value
 
 OpFn = Callable[..., Tensor]
@@ -340,6 +343,13 @@ def sobel(x: Tensor, generator: torch.Generator, inplace: bool = False) -> Tenso
     magnitude = _sobel_magnitude(to_gray(x))
     peak = magnitude.amax((1, 2, 3), keepdim=True).clamp_min_(1e-12)  # (N, 1, 1, 1)
     return magnitude.div_(peak).clamp_(0, 1).expand_as(x)
+
+
+@register("lab")
+def lab(x: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
+    if x.shape[1] != 3:
+        raise AugmentError(f"lab: needs RGB images (3 channels), got {x.shape[1]} channel(s)")
+    return rgb_to_lab_unit(x)
 
 
 @register("identity")

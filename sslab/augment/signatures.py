@@ -114,6 +114,11 @@ SIGNATURES: dict[str, OpSignature] = {
             random=False,
         ),
         _declare(
+            "lab",
+            "sRGB -> CIE Lab (D65) scaled into [0, 1]: L / 100, (a + 128) / 255, (b + 128) / 255; RGB only",
+            random=False,
+        ),
+        _declare(
             "identity",
             "leave the images unchanged",
             random=False,

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sslab.data.dataset import ImageDataset
+from sslab.errors import DatasetError
 
 # Images per interpolate call: bounds the float32 working memory (e.g. 512 x 3 x 224 x 224 x 4 B = 300 MB).
 _BATCH = 512
@@ -49,6 +50,32 @@ def resize_dataset(dataset: ImageDataset, size: int | None) -> ImageDataset:
         train_images=resize_images(dataset.train_images, size),
         train_labels=dataset.train_labels,
         test_images=resize_images(dataset.test_images, size),
+        test_labels=dataset.test_labels,
+        classes=dataset.classes,
+    )
+
+
+def match_channels(dataset: ImageDataset, channels: int) -> ImageDataset:
+    """`dataset` with `channels` channels: grey repeated to RGB, or RGB to grey by ITU-R 601 luma."""
+    if dataset.channels == channels:
+        return dataset
+    if not (dataset.channels == 1 or (dataset.channels == 3 and channels == 1)):
+        raise DatasetError(
+            f"{dataset.name} has {dataset.channels} channels; a model for {channels}-channel images cannot "
+            "read it"
+        )
+
+    def convert(images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1:
+            return images.expand(-1, channels, -1, -1).contiguous()
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * luma).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+
+    return ImageDataset(
+        name=dataset.name,
+        train_images=convert(dataset.train_images),
+        train_labels=dataset.train_labels,
+        test_images=convert(dataset.test_images),
         test_labels=dataset.test_labels,
         classes=dataset.classes,
     )

@@ -3,7 +3,8 @@
 z_A = g(f(y_A)), z_B = g(f(y_B)) with a wide 3-layer projector g (Linear-BN-ReLU twice, then Linear); the
 loss standardises each dimension over the batch, C = z_A^T z_B / N (D, D), and sums
 (1 - C_ii)^2 + lambda * C_ij^2 (i != j). As in the paper's code, each view passes the network separately,
-so batch-norm statistics are per view.
+so batch-norm statistics are per view. Across processes the standardisation and C cover the global batch
+(the official code's synchronised batch-norm and all-reduce of C); --sync-bn synchronises the projector's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from sslab.settings import MethodSettings, Setting
 class BarlowTwinsSettings(MethodSettings):
     name = "barlow"
     paper = "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction"
+    multiprocess = True  # tests/test_distributed_methods.py
+    version = 2  # 2: the cross-correlation in float32 under autocast
     shared_defaults = {
         "head": 3,
         # 8192-8192-8192 in the paper (4x ResNet-50's 2048 features); 2048 is solo-learn's CIFAR width and
@@ -51,5 +54,5 @@ class BarlowTwins(Method):
     def forward(self, views: list[Tensor], labels: Tensor, step: StepContext) -> StepOutput:
         z_a = self.head(self.backbone(views[0]))  # (N, D)
         z_b = self.head(self.backbone(views[1]))  # (N, D)
-        loss = barlow_twins(z_a, z_b, self.settings.lambd)
+        loss = barlow_twins(z_a, z_b, self.settings.lambd, processes=step.gather)  # C of the global batch
         return StepOutput(loss=loss, embedding=z_a)

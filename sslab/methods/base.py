@@ -23,14 +23,19 @@ class StepOutput:
 
     loss: Tensor  # scalar, differentiable
     embedding: Tensor  # (N, d) output watched by the collapse monitor
-    metrics: dict[str, float] = field(default_factory=dict)
+    # Per-step values of the method's own diagnostics (names from sslab.metrics, e.g. DINO's teacher entropy):
+    # the trainer records their epoch means. Tensors stay on the device until the epoch ends.
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
 class Gather:
     """All-gather of a tensor's rows across training processes, with gradients; the identity in one process.
 
     Under torchrun the trainer passes a distributed one in the step context: rows come back in rank order,
-    so this process's N rows start at row `offset(N)` of the (world_size * N, ...) result.
+    so this process's N rows start at row `offset(N)` of the (world_size * N, ...) result. `sum` adds a
+    tensor over the processes (batch statistics of the global batch). Both pass their gradient back summed
+    over the processes (see `sslab.distributed`), so a loss computed from them, averaged over processes,
+    is the loss of the global batch.
     """
 
     rank: int = 0
@@ -41,6 +46,9 @@ class Gather:
 
     def offset(self, rows: int) -> int:
         return self.rank * rows
+
+    def sum(self, x: Tensor) -> Tensor:  # (...) -> (...), summed over the processes
+        return x
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ class BYOLSettings(MethodSettings):
     # SGD lr 0.5, weight decay 5e-4 (TrialConfig's): BYOL's LARS recipes (trust coefficient 0.02 in CIFAR
     # ports) take ~20x smaller steps with sslab's LARS (0.001) and barely learn in a few epochs
     shared_defaults = {"out_dim": 256}  # projection q_theta / z_xi of 256 dimensions
+    multiprocess = True  # tests/test_distributed_methods.py
 
     ema = Setting(
         0.99,

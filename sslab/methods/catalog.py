@@ -17,7 +17,34 @@ from sslab.errors import ConfigError
 from sslab.settings import SCALARS, MethodInfo, Setting, make_info
 
 # Built-in methods, one file each under sslab/methods/, in the order `sslab methods` lists them.
-BUILTIN = ("simclr", "moco", "mocov3", "byol", "simsiam", "swav", "dino", "barlow", "instdisc", "supervised")
+BUILTIN = (
+    # contrastive and non-contrastive
+    "simclr",
+    "moco",
+    "mocov3",
+    "byol",
+    "simsiam",
+    "swav",
+    "dino",
+    "barlow",
+    "vicreg",
+    "nnclr",
+    "invaspread",
+    "cmc",
+    # instance discrimination with a memory bank, and the supervised baseline
+    "instdisc",
+    "supervised",
+    # context-based pretext tasks
+    "rotation",
+    "relpos",
+    "jigsaw",
+    "colorize",
+    "inpaint",
+    "exemplar",
+    # self-supervised distillation
+    "seed",
+    "distill",
+)
 
 _HERE = Path(__file__).resolve().parent
 _catalog: dict[str, MethodInfo] = {}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslab.config import TrialConfig
-from sslab.losses import dino_center, dino_loss
+from sslab.losses import dino_center, dino_loss, full_precision
 from sslab.methods.base import Method, StepContext, StepOutput, concat_forward, register
 from sslab.models import Backbone, Head, build_head
 from sslab.settings import MethodSettings, Setting
@@ -31,6 +31,8 @@ class DINOSettings(MethodSettings):
     name = "dino"
     paper = "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers"
     multicrop = True
+    multiprocess = True  # tests/test_distributed_methods.py
+    version = 2  # 2: the last layer in float32 under autocast
     shared_defaults = {
         "head": 3,  # 3-layer MLP (hidden 2048) to the bottleneck, as in the paper
         "head_width": 2048,
@@ -109,13 +111,18 @@ class DINO(Method):
             h_t = self.teacher["backbone"](torch.cat(views[:2]))  # (2N, D)
             teacher = self._out(self.teacher["head"](h_t), self.teacher_prototypes).chunk(2)  # 2 x (N, K)
         loss = dino_loss(list(student), list(teacher), self.center, s.temperature, self.teacher_temp)
-        if s.centering:
-            self.center.copy_(dino_center(self.center, list(teacher), s.center_momentum))
+        if s.centering:  # c follows the mean over the global batch
+            self.center.copy_(dino_center(self.center, list(teacher), s.center_momentum, step.gather))
         return StepOutput(loss=loss, embedding=student[0])
 
     @staticmethod
+    @full_precision
     def _out(z: Tensor, v: Tensor) -> Tensor:
-        """Last layer on the l2-normalised bottleneck z (B, 256): weight norm with g = 1 -> (B, K)."""
+        """Last layer on the l2-normalised bottleneck z (B, 256): weight norm with g = 1 -> (B, K).
+
+        In float32 under autocast (DINO's code runs it in fp16): outputs are cosines that the loss divides
+        by tau_t = 0.04, which would multiply bf16's rounding (~0.004) to ~0.1 in the teacher's logits.
+        """
         return F.normalize(z, dim=1) @ F.normalize(v, dim=1).T
 
     def teacher_temperature(self, epochs_done: float) -> float:

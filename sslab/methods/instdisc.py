@@ -10,6 +10,9 @@ epochs the whole first epoch would pull each image towards a random target.
 The paper draws one augmented view per image: only the first view is used.
 
 The step context gives the training set size (for the bank) and the rows of the batch in the training set.
+Across processes every process keeps the whole bank and writes the rows of the global batch into it; the
+noise of the global batch is drawn alike in every process, each scoring its own rows, and Z is estimated
+from the noise of the global batch: together the processes compute what one computes on the global batch.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class InstDiscSettings(MethodSettings):
     name = "instdisc"
     paper = "Wu et al. 2018, Unsupervised Feature Learning via Non-Parametric Instance Discrimination"
     shared_defaults = {"head": 1, "lr": 0.03}  # 128-d output of one linear layer, as in the paper
+    multiprocess = True  # tests/test_distributed_methods.py
 
     temperature = Setting(0.07, "NCE temperature tau", "InstDisc", above=0)
     negatives = Setting(4096, "noise samples m per positive", "InstDisc", minimum=1)
@@ -69,29 +73,35 @@ class InstDisc(Method):
         self._pending: tuple[Tensor, Tensor] | None = None
 
     def forward(self, views: list[Tensor], labels: Tensor, step: StepContext) -> StepOutput:
-        s = self.settings
+        s, gather = self.settings, step.gather
         index = step.batch_indices  # (N,)
         v = F.normalize(self.head(self.backbone(views[0])), dim=1)  # (N, D)
         if self.bank.shape[0] != step.num_images:
-            self.bank = F.normalize(torch.randn(step.num_images, v.shape[1], device=v.device), dim=1)
+            bank = torch.randn(step.num_images, v.shape[1], device=v.device, dtype=self.bank.dtype)
+            bank = F.normalize(bank, dim=1)
+            self.bank = gather.sum(bank if gather.rank == 0 else torch.zeros_like(bank))  # the main one's
             self.visited = torch.zeros(step.num_images, dtype=torch.bool, device=v.device)
+        index_all, v_all = gather(index), gather(v.detach())  # (M,), (M, D): rows of the global batch
         if s.bank_init == "first-visit":
-            new = ~self.visited[index]  # (N,)
-            self.bank[index[new]] = v.detach()[new].to(self.bank.dtype)
-            self.visited[index] = True
+            new = ~self.visited[index_all]  # (M,)
+            self.bank[index_all[new]] = v_all[new].to(self.bank.dtype)
+            self.visited[index_all] = True
         n_data, m = self.bank.shape[0], s.negatives
         generator = torch.Generator(v.device).manual_seed(self.config.seed * 1_000_003 + int(self.steps))
-        noise = torch.randint(n_data, (v.shape[0], m), device=v.device, generator=generator)  # P_n = 1/n
+        noise = torch.randint(n_data, (len(index_all), m), device=v.device, generator=generator)  # P_n = 1/n
+        noise = noise[gather.offset(len(index)) :][: len(index)]  # this process's rows (N, m)
         with torch.autocast(v.device.type, enabled=False):  # cosines / 0.07 need more than bf16's 3 digits
-            v32 = v.float()
+            v32 = v.to(torch.promote_types(v.dtype, torch.float32))
             noise_cosines = self.noise_cosines(v32, noise)  # (N, m)
             positive_cosines = (v32 * self.bank[index]).sum(dim=1)  # (N,)
-        if self.z <= 0:
-            self.z.fill_(instdisc_partition_from_cosines(noise_cosines, n_data, s.temperature))
+        if self.z <= 0:  # from the noise of the global batch
+            self.z.fill_(
+                instdisc_partition_from_cosines(gather(noise_cosines.detach()), n_data, s.temperature)
+            )
         loss = instdisc_nce_from_cosines(
             positive_cosines, noise_cosines, n_data, float(self.z), s.temperature
         )
-        self._pending = (index, v.detach())
+        self._pending = (index_all, v_all)
         return StepOutput(loss=loss, embedding=v)
 
     def noise_cosines(self, v: Tensor, noise: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """MoCo v1/v2 (He et al. 2019; Chen et al. 2020): a momentum key encoder and a queue of negative keys.
 
 `head` 1 is v1's linear output layer, `head` 2 v2's MLP head (no batch-norm, as in v2). The loss is
-symmetrised over the two views, as in the MoCo comparisons of SimSiam and MoCo v3.
+symmetrised over the two views, as in the MoCo comparisons of SimSiam and MoCo v3. Across processes the
+keys of the global batch are enqueued (or are the negatives), and with --sync-bn the key encoder's
+shuffling-BN sub-batches, joined over processes, keep one process's size.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class MoCoSettings(MethodSettings):
         "head_bn": False,  # v2's MLP head is fc-ReLU-fc
         "lr": 0.3,  # ImageNet 0.03 (200 epochs) learns too slowly in a few epochs; 0.3 as for CIFAR
     }
+    multiprocess = True  # tests/test_distributed_methods.py
+    version = 2  # 2: InfoNCE logits in float32 under autocast
 
     temperature = Setting(0.2, "InfoNCE temperature tau", "MoCo v2", above=0)
     queue_size = Setting(
@@ -53,7 +57,9 @@ class MoCo(Method):
         self.head = build_head(
             backbone.feature_dim, config.head, config.head_width, config.out_dim, config.head_bn
         )
-        self.contrast = MomentumContrast(backbone, self.head, self.head.out_dim, s, shuffle_bn=True)
+        self.contrast = MomentumContrast(
+            backbone, self.head, self.head.out_dim, s, shuffle_bn=True, sync_bn=config.sync_bn
+        )
 
     def forward(self, views: list[Tensor], labels: Tensor, step: StepContext) -> StepOutput:
         x1, x2 = views[:2]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from sslab.config import TrialConfig
+from sslab.errors import ConfigError
 from sslab.losses import info_nce
 from sslab.methods.base import Method, StepContext, StepOutput, concat_forward, register
 from sslab.methods.momentum import ema_update, frozen_copy, momentum_at
@@ -23,6 +24,8 @@ class MoCoV3Settings(MethodSettings):
     # 2-layer projector (its ResNet code): TrialConfig's head; SGD lr 0.5 instead of LARS, which at batch 256
     # barely learns in a few epochs (see byol.py)
     shared_defaults = {"out_dim": 256}
+    multiprocess = True  # tests/test_distributed_methods.py
+    version = 2  # 2: InfoNCE logits in float32 under autocast
 
     temperature = Setting(
         0.2, "InfoNCE temperature T", "its ViT value (1.0 goes with batch 4096 for ResNets)", above=0
@@ -40,6 +43,11 @@ class MoCoV3Settings(MethodSettings):
         "MoCo v3: it follows the schedule",
         needs="predictor",
     )
+    freeze_patch_embed = Setting(
+        False,
+        "keep the ViT's random patch projection fixed",
+        "MoCo v3 Sec. 4.2; its ViT recipes set --stop-grad-conv1 (off here: the default backbone is a CNN)",
+    )
 
 
 @register(MoCoV3Settings)
@@ -49,6 +57,11 @@ class MoCoV3(Method):
     def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         s = self.settings
+        if s.freeze_patch_embed:  # a random, fixed patch projection (MoCo v3 Sec. 4.2)
+            freeze = getattr(backbone, "freeze_patch_embedding", None)
+            if freeze is None:
+                raise ConfigError(f"mocov3.freeze_patch_embed needs a ViT backbone (got {config.backbone})")
+            freeze()
         d, bn = config.out_dim, config.head_bn
         self.head = build_head(backbone.feature_dim, config.head, config.head_width, d, bn, last_bn=bn)
         self.predictor = (

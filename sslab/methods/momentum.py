@@ -78,15 +78,18 @@ SHUFFLE_BN_GROUP = 32  # MoCo trained batch 256 on 8 GPUs: batch-norm statistics
 
 @torch.no_grad()
 def shuffled_bn_forward(
-    encoder: Callable[[Tensor], Tensor], x: Tensor, group: int = SHUFFLE_BN_GROUP
+    encoder: Callable[[Tensor], Tensor], x: Tensor, group: int = SHUFFLE_BN_GROUP, synced: int = 1
 ) -> Tensor:
     """MoCo's shuffling BN (Sec. 3.3) on one device, for the key encoder.
 
     The batch x (N, ...) is shuffled and split into sub-batches of about `group` images, each with its own
     batch-norm statistics, so a query and its positive key never share statistics (which would let the
     pretext task be solved from them). Returns the (N, D) outputs in input order.
+    `synced` processes whose synchronised batch-norm joins their i-th sub-batches: each process then splits
+    its share into as many sub-batches as one process splits the global batch, so a joined sub-batch still
+    holds about `group` images.
     """
-    groups = max(1, x.shape[0] // group)
+    groups = max(1, min(x.shape[0], x.shape[0] * synced // group))
     order = torch.randperm(x.shape[0], device=x.device)  # (N,)
     outputs = torch.cat([encoder(part) for part in x[order].tensor_split(groups)])  # (N, D), shuffled
     return outputs[torch.argsort(order)]
@@ -97,7 +100,8 @@ class MomentumContrast(nn.Module):
 
     Used by MoCo v1/v2 and by SimCLR v2's memory. With queue_size 0 the other keys of the (global) batch are
     the negatives. `shuffle_bn` runs the key encoder with shuffling BN (MoCo); without it the key encoder's
-    batch-norm sees the whole batch (SimCLR's global BN).
+    batch-norm sees the whole batch (SimCLR's global BN). `sync_bn`: the trainer synchronises batch-norm
+    over processes (the trial's sync_bn), which shuffling BN's sub-batches allow for.
     """
 
     def __init__(
@@ -107,32 +111,35 @@ class MomentumContrast(nn.Module):
         out_dim: int,
         settings: Mapping[str, Any],
         shuffle_bn: bool,
+        sync_bn: bool = False,
     ) -> None:
         """`settings`: the method's `queue_size`, `temperature`, `ema` and `ema_cosine`."""
         super().__init__()
         self.temperature, self.ema = settings["temperature"], settings["ema"]
         self.ema_cosine = settings["ema_cosine"]
-        self.shuffle_bn = shuffle_bn
+        self.shuffle_bn, self.sync_bn = shuffle_bn, sync_bn
         self.backbone = frozen_copy(backbone)
         self.head = frozen_copy(head)
         size = settings["queue_size"]
         self.queue = KeyQueue(size, out_dim) if size > 0 else None
 
     @torch.no_grad()
-    def encode_keys(self, x: Tensor) -> Tensor:
-        """Keys k = f_k(x) (N, D) of a batch of views, without gradient."""
+    def encode_keys(self, x: Tensor, processes: int = 1) -> Tensor:
+        """Keys k = f_k(x) (N, D) of a batch of views (this process's share of `processes`), no gradient."""
 
         def encode(v: Tensor) -> Tensor:
             return self.head(self.backbone(v))
 
-        return shuffled_bn_forward(encode, x) if self.shuffle_bn else encode(x)
+        if not self.shuffle_bn:
+            return encode(x)
+        return shuffled_bn_forward(encode, x, synced=processes if self.sync_bn else 1)
 
     def loss(self, q1: Tensor, q2: Tensor, x1: Tensor, x2: Tensor, gather: Gather) -> Tensor:
         """1/2 [L(q1, k2) + L(q2, k1)] against the queue; then the global batch's keys are enqueued.
 
         q1, q2: (N, D) queries of the views x1, x2; `gather` collects keys over training processes.
         """
-        k1, k2 = self.encode_keys(torch.cat([x1, x2])).chunk(2)  # (N, D) each
+        k1, k2 = self.encode_keys(torch.cat([x1, x2]), gather.world_size).chunk(2)  # (N, D) each
         t = self.temperature
         if self.queue is None:  # in-batch negatives: every key of the global batch
             offset = gather.offset(len(q1))

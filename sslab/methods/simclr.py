@@ -18,6 +18,7 @@ class SimCLRSettings(MethodSettings):
     name = "simclr"
     paper = "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations"
     multiprocess = True  # tests/test_distributed.py
+    version = 2  # 2: NT-Xent in float32 under autocast
 
     temperature = Setting(
         0.5, "NT-Xent softmax temperature (Table 5)", "SimCLR, for batches of a few hundred", above=0

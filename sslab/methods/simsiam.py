@@ -18,6 +18,7 @@ class SimSiamSettings(MethodSettings):
     # (x batch/256) 0.5, the CIFAR value of solo-learn, not the paper's ImageNet 0.05, which learns too
     # little in a few epochs
     shared_defaults = {"out_dim": 512}  # 2048 in the paper, scaled down for small backbones and CPU runs
+    multiprocess = True  # tests/test_distributed_methods.py
 
     stop_gradient = Setting(True, "stop-gradient on the target branch (the paper's key ablation)", "SimSiam")
     predictor = Setting(True, "predictor MLP h on both branches", "SimSiam")

@@ -23,6 +23,7 @@ class SupervisedSettings(MethodSettings):
     name = "supervised"
     paper = "Supervised cross-entropy baseline (as in Chen et al. 2020, Table 1)"
     ignores = ("head", "head_width", "out_dim", "head_bn")  # the classifier maps h to the classes
+    multiprocess = True  # tests/test_distributed_methods.py
 
 
 @register(SupervisedSettings)

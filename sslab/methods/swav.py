@@ -8,6 +8,9 @@ epochs. With `queue_size` > 0, each global crop keeps a queue of its past featur
 appended to the batch when computing the codes (for small batches, Caron et al. Sec. 4.1). The paper
 starts filling the queue after some epochs (15 of 800, 50 of 1000 for CIFAR in solo-learn); here it is
 filled from the first step and used once full, since short runs leave no epochs to wait.
+Across processes the codes are those of the global batch: every process keeps the whole queue (of the
+global batch's features) and gives Sinkhorn-Knopp its own 1/W of the queue's rows with its share of the
+batch, while the sums run over all processes (SwAV's distributed_sinkhorn).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslab.config import TrialConfig
-from sslab.losses import sinkhorn, swav_loss
-from sslab.methods.base import Method, StepContext, StepOutput, concat_forward, register
+from sslab.losses import full_precision, sinkhorn, swav_loss
+from sslab.methods.base import Gather, Method, StepContext, StepOutput, concat_forward, register
 from sslab.models import Backbone, Head, build_head
 from sslab.settings import MethodSettings, Setting
 
@@ -27,6 +30,8 @@ class SwAVSettings(MethodSettings):
     name = "swav"
     paper = "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"
     multicrop = True
+    multiprocess = True  # tests/test_distributed_methods.py
+    version = 2  # 2: prototype scores in float32 under autocast
     shared_defaults = {
         # 2x224 + 6x96 in the paper; two 3/7-size local crops add ~40% to a step of two global views.
         "local_crops": 2,
@@ -75,28 +80,29 @@ class SwAV(Method):
         h = concat_forward(self.backbone, views[:2])
         if len(views) > 2:
             h += concat_forward(self.backbone, views[2:])
-        z = F.normalize(self.head(torch.cat(h)), dim=1)  # (V * N, D)
+        z = _unit(self.head(torch.cat(h)))  # (V * N, D)
         z_crops = list(z.chunk(len(views)))  # V x (N, D)
-        scores = [z_t @ self.prototypes.T for z_t in z_crops]  # V x (N, K)
-        codes = [self._codes(s, z_crops[s_id], s_id) for s_id, s in enumerate(scores[:2])]  # 2 x (N, K)
-        if self.queue is not None:
-            self.queue_filled.add_(views[0].shape[0]).clamp_(max=self.queue.shape[1])
+        scores = [_scores(z_t, self.prototypes) for z_t in z_crops]  # V x (N, K)
+        codes = [self._codes(s, z_crops[s_id], s_id, step.gather) for s_id, s in enumerate(scores[:2])]
+        if self.queue is not None:  # the queue holds the rows of the global batch
+            rows = views[0].shape[0] * step.gather.world_size
+            self.queue_filled.add_(rows).clamp_(max=self.queue.shape[1])
         loss = swav_loss(scores, codes, self.settings.temperature)
         return StepOutput(loss=loss, embedding=z_crops[0])
 
     @torch.no_grad()
-    def _codes(self, scores: Tensor, z: Tensor, crop: int) -> Tensor:
+    def _codes(self, scores: Tensor, z: Tensor, crop: int, gather: Gather) -> Tensor:
         """Sinkhorn codes q of one global crop (N, K); with a full queue, its scores join the batch."""
         n = scores.shape[0]
         scores = scores.detach()
         if self.queue is not None:
-            queue = self.queue[crop]  # (Q, D)
+            queue = self.queue[crop]  # (Q, D), the same in every process
             if int(self.queue_filled) == queue.shape[0]:
-                scores = torch.cat(
-                    [(queue @ self.prototypes.detach().T).to(scores.dtype), scores]
-                )  # (Q + N, K)
-            self.queue[crop] = torch.cat([z.detach().to(queue.dtype), queue])[: queue.shape[0]]
-        return sinkhorn(scores, self.settings.sinkhorn_eps, self.settings.sinkhorn_iters)[-n:]
+                mine = queue[gather.rank :: gather.world_size]  # this process's rows of the queue (Q / W, D)
+                scores = torch.cat([_scores(mine, self.prototypes.detach()).to(scores.dtype), scores])
+            self.queue[crop] = torch.cat([gather(z.detach()).to(queue.dtype), queue])[: queue.shape[0]]
+        across = {"processes": gather} if gather.world_size > 1 else {}  # sums over every process's columns
+        return sinkhorn(scores, self.settings.sinkhorn_eps, self.settings.sinkhorn_iters, **across)[-n:]
 
     def before_optimizer_step(self, step: StepContext) -> None:
         if step.epochs_done < self.settings.freeze_prototypes:
@@ -105,3 +111,17 @@ class SwAV(Method):
     @torch.no_grad()
     def after_step(self, step: StepContext) -> None:
         self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+
+
+@full_precision
+def _unit(h: Tensor) -> Tensor:
+    """z = h / |h| (N, D), in float32 under autocast, as the scores it feeds."""
+    return F.normalize(h, dim=1)
+
+
+@full_precision
+def _scores(z: Tensor, prototypes: Tensor) -> Tensor:
+    """Prototype scores z . C (N, K), in float32 under autocast (SwAV's code runs them in fp16): the codes
+    divide them by epsilon = 0.05 and the loss by T = 0.1, which would make bf16's rounding (~0.004) ~0.1.
+    """
+    return z @ prototypes.T

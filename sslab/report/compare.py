@@ -20,13 +20,22 @@ from rich import box
 from rich.table import Table
 
 from sslab.errors import SslabError
-from sslab.metrics import COLLAPSE_RATIO, KNN_TOP1, LINEAR_TOP1, LOSS
+from sslab.metrics import ALIGNMENT, COLLAPSE_RATIO, KNN_TOP1, LINEAR_TOP1, LOSS, RANKME, UNIFORMITY
 from sslab.report.data import metric_scale, plain_value
 from sslab.report.figures import add_notes, new_figure, save_figure
 from sslab.report.stats import describe, paired_difference
 from sslab.store import Store
 
-CURVE_METRICS = (LOSS.name, KNN_TOP1.name, COLLAPSE_RATIO.name)  # per-epoch metrics drawn when recorded
+# Per-epoch metrics drawn when recorded, three panels to a row.
+CURVE_METRICS = (
+    LOSS.name,
+    KNN_TOP1.name,
+    COLLAPSE_RATIO.name,
+    RANKME.name,
+    ALIGNMENT.name,
+    UNIFORMITY.name,
+)
+PANELS_PER_ROW = 3
 COMPARED_METRICS = (LINEAR_TOP1.name, KNN_TOP1.name)
 
 
@@ -179,13 +188,19 @@ def learning_curve_frame(store: Store, frame: pd.DataFrame, by: Sequence[str]) -
 
 
 def plot_learning_curves(store: Store, frame: pd.DataFrame, by: Sequence[str], title: str) -> Figure | None:
-    """One panel per recorded per-epoch metric (loss, kNN top-1, collapse ratio), a line per group."""
+    """One panel per recorded per-epoch metric (loss, kNN top-1, collapse ratio, label-free metrics), a line
+    per group."""
     curves = learning_curve_frame(store, frame, by)
     if curves.empty:
         return None
     metrics = [m for m in CURVE_METRICS if m in set(curves["metric"])]
-    figure = new_figure(4.2 * len(metrics) + 2.2, 3.8)  # + the legend beside the panels
-    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
+    columns = min(PANELS_PER_ROW, len(metrics))
+    rows_of_panels = -(-len(metrics) // columns)
+    figure = new_figure(4.2 * columns + 2.2, 3.8 * rows_of_panels)  # + the legend beside the panels
+    grid = figure.subplots(rows_of_panels, columns, squeeze=False).flatten()
+    for ax in grid[len(metrics) :]:
+        ax.set_visible(False)
+    axes = grid[: len(metrics)]
     for ax, metric in zip(axes, metrics, strict=True):
         scale, unit = metric_scale(metric)
         for group, rows in curves[curves["metric"] == metric].groupby("group", sort=False):
@@ -201,7 +216,7 @@ def plot_learning_curves(store: Store, frame: pd.DataFrame, by: Sequence[str], t
             ax.set_xticks(epochs)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[-1].legend(  # beside the last panel, where it covers no line
+    axes[columns - 1].legend(  # beside the first row's last panel, where it covers no line
         title=" · ".join(c.removeprefix("axis.") for c in by) or None,
         fontsize=8,
         frameon=False,

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 import sslab
 from sslab.errors import ConfigError, SslabError
+from sslab.metrics import BASELINE_PREFIX, lookup
 from sslab.report.compare import plot_learning_curves
 from sslab.report.curves import plot_bars, plot_curve, series_data
 from sslab.report.data import (
@@ -33,6 +34,15 @@ from sslab.store import Store
 
 MAX_CURVE_GROUPS = 12  # learning curves of more configurations than this are unreadable in one panel
 TRIAL_METRICS = ("linear_top1", "knn_top1", "baseline_linear_top1", "images_per_s")
+# Shown in the trials table when a study recorded them (fine-tuning, kNN sweep, label-free metrics).
+EVALUATION_METRICS = ("knn_sweep_top1", "rankme", "alignment", "uniformity")
+
+
+def _is_evaluation(column: str) -> bool:
+    metric = lookup(column)
+    return metric is not None and metric.labelled and not column.startswith(BASELINE_PREFIX)
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
@@ -203,7 +213,8 @@ def _problems(frame: pd.DataFrame) -> str:
 
 def _trials(frame: pd.DataFrame, provenance: dict, metric: str) -> str:
     axes = [c for c in frame.columns if str(c).startswith("axis.")]
-    metrics = list(dict.fromkeys([metric, *TRIAL_METRICS]))
+    evaluations = [c for c in frame.columns if str(c) in EVALUATION_METRICS or _is_evaluation(str(c))]
+    metrics = list(dict.fromkeys([metric, *TRIAL_METRICS, *evaluations]))
     columns = ["trial", "status", *[a[5:] for a in axes], *metrics, "collapsed", "wall time (s)"]
     columns += ["device", "torch", "sslab", "commit", "host", "config"]
     rows = []

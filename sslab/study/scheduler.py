@@ -86,6 +86,8 @@ def prepare(
             optuna_name = f"{plan.name}.v{version}"
     plan = replace(plan, optuna_name=optuna_name)
     store.register_study(plan.name, {**plan.record(), "search_space": space, "optuna_version": version})
+    if plan.is_grid:
+        store.keep_study_trials(plan.name, [cell.hash for cell in plan.cells])
     for cell in plan.cells:
         store.add_study_trial(plan.name, cell.hash, cell.axes)
     open_study(plan, optuna_storage(store.url))
@@ -109,6 +111,9 @@ def assign_devices(options: RunOptions) -> tuple[list[str | None], int | None]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers) if on_cpu and workers > 1 else None  # split cores, don't oversubscribe
     return assigned, threads
+
+
+FORWARD_AFTER_S = 2.0  # how long a worker gets to see a Ctrl-C of its own before the parent passes it on
 
 
 def _worker_main(plan: StudyPlan, url: str, options: WorkerOptions, events: Any) -> None:
@@ -231,8 +236,12 @@ def _run_processes(
             except queue.Empty:
                 break
     except KeyboardInterrupt as exc:
-        for process in processes:  # a Ctrl-C reaches them too; a SIGTERM is passed on
-            if isinstance(exc, Terminated) and process.is_alive() and process.pid is not None:
+        # A terminal's Ctrl-C reaches the workers too; a SIGTERM, or a SIGINT sent to this process alone
+        # (`kill -INT`, a background shell), is passed on to those still running after a moment.
+        for process in processes:
+            if not isinstance(exc, Terminated):
+                process.join(FORWARD_AFTER_S)
+            if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGINT)
         for process in processes:  # they record their trials as interrupted
             process.join(30)

@@ -146,9 +146,8 @@ def epoch_knn(method: Method, config: TrialConfig, dataset: ImageDataset) -> flo
     device = next(method.parameters()).device
     mean, std = channel_stats(dataset.train_images)
     train = extract_features(method, dataset.train_images, mean, std, device)["h"]
-    return knn_val_top1(
-        train, dataset.train_labels, dataset.num_classes, config.val_fraction, config.knn_k, config.knn_t
-    )
+    labels = dataset.train_labels.to(device)
+    return knn_val_top1(train, labels, dataset.num_classes, config.val_fraction, config.knn_k, config.knn_t)
 
 
 class Heartbeat(ClaimHeartbeat):

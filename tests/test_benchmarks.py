@@ -1,0 +1,156 @@
+"""The GPU measurement script at tiny CPU settings, and the peer pipeline's per-image dataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from sslab.config import from_mapping
+from sslab.data import load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("env", "cuda_tests", "peer", "run", "results")
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ (not a package) imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+peer_pipeline = load_benchmark("peer_pipeline")
+gpu_report = load_benchmark("gpu_report")
+
+
+@pytest.fixture(scope="module")
+def synthetic_dataset() -> Any:
+    data = load_dataset("synthetic")
+    return peer_pipeline.two_view_dataset(
+        from_mapping({"method": "simclr"}), data.train_images, data.train_labels
+    )
+
+
+def test_gpu_script_tiny_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # One thread: the tiny run measures nothing, and threads that wait on each other crawl on a busy machine.
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--device", "cpu", "--tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
+    assert done.returncode == 0, done.stdout + done.stderr + log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["tiny"] is True
+    assert summary["dataset"]["name"] == "synthetic"
+    assert list(summary["steps"]) == list(STEPS)
+    assert all(step["status"] == "ok" and step["seconds"] > 0 for step in summary["steps"].values())
+    assert summary["failed_steps"] == []
+    assert summary["steps"]["cuda_tests"]["mode"] == "collect-only"
+    assert summary["cuda_tests"]["collected"] > 0  # the -k cuda selection finds the CUDA-only tests
+
+    rates = summary["images_per_s"]
+    assert rates["sslab"] > 0 and rates["peer"] > 0
+    assert summary["ratio"] == pytest.approx(rates["sslab"] / rates["peer"])
+    assert 0 < summary["augment_share"] < 1
+    peer = summary["peer_pipeline"]
+    assert peer["config"]["backbone"] == "smallcnn" and peer["config"]["batch_size"] == 32
+    assert peer["flops_per_image"] > 0
+    assert peer["sslab"]["peak_memory_bytes"] is None  # GPU memory and peak fraction: CUDA only
+
+    trial = summary["e2e"]["trial"]
+    assert summary["e2e"]["status"] == "ok" and summary["e2e"]["wall_seconds"] > 0
+    assert trial["status"] == "done" and trial["dataset"] == "synthetic" and trial["train_subset"] == 256
+    assert 0 <= trial["linear_top1"] <= 1 and trial["images_per_s"] > 0
+    # everything the steps made stays in OUT, and nothing else (checkpoints, weights) lands there
+    expected = {"summary.json", "env.json", "peer.json", "results.csv", "gpu.db", "steps.tsv", "log.txt"}
+    assert {path.name for path in out.iterdir()} == expected
+
+
+def test_two_views_shape_dtype_and_difference(synthetic_dataset: Any) -> None:
+    torch.manual_seed(0)
+    first, second, label, index = synthetic_dataset[5]
+    assert first.shape == second.shape == (3, 32, 32)
+    assert first.dtype == second.dtype == torch.float32
+    assert index == 5 and label == int(synthetic_dataset.labels[5])
+    assert not torch.equal(first, second)  # two independent draws of the same image
+    assert first.abs().max() > 1  # normalised with the channel statistics, not left in [0, 1]
+
+
+def test_two_views_deterministic_under_seed(synthetic_dataset: Any) -> None:
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append(synthetic_dataset[7][:2])
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1], strict=True))
+    assert not torch.equal(draws[0][0], draws[2][0])
+
+
+@pytest.mark.parametrize("op", peer_pipeline.MIRRORED_OPS)
+def test_every_mirrored_op_makes_a_view(op: str) -> None:
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    transform = peer_pipeline.peer_transform(op, 32, mean, std)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    view = transform(image)
+    assert view.shape == (3, 32, 32) and view.dtype == torch.float32
+    if op == "identity":  # nothing but the normalisation
+        assert torch.allclose(view, (image / 255 - 0.5) / 0.25, atol=1e-6)
+
+
+def test_sslab_parameters_carry_over() -> None:
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    ops = peer_pipeline.peer_transform(
+        "crop(scale=0.2-1),color(s=0.5,gray=0.3),blur", 32, mean, std
+    ).transforms
+    crop, jitter, gray, blur = ops[:4]
+    assert crop.scale == (0.2, 1.0) and crop.size == (32, 32)
+    assert jitter.p == 0.8 and jitter.transforms[0].brightness == (0.6, 1.4)
+    assert jitter.transforms[0].hue == (-0.1, 0.1)
+    assert gray.p == 0.3
+    assert blur.p == 0.5 and blur.transforms[0].kernel_size == (3, 3)  # sslab's kernel: 0.1 of the side
+
+
+def test_unmirrored_op_is_refused() -> None:
+    with pytest.raises(ValueError, match="rotate"):
+        peer_pipeline.peer_transform("crop,rotate", 32, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("line", "counts"),
+    [
+        ("53 passed, 154 deselected in 20.1s", {"passed": 53, "deselected": 154}),
+        (
+            "1 failed, 50 passed, 2 skipped, 1 error in 3.0s",
+            {"failed": 1, "passed": 50, "skipped": 2, "errors": 1},
+        ),
+        ("53/207 tests collected (154 deselected) in 10.79s", {"collected": 53, "deselected": 154}),
+    ],
+)
+def test_pytest_summary_line_is_read(line: str, counts: dict[str, int]) -> None:
+    assert gpu_report.pytest_counts(["tests/test_augment.py::x PASSED", line, ""]) == counts
+
+
+def test_step_status_from_exit(tmp_path: Path) -> None:
+    (tmp_path / "steps.tsv").write_text("env\t0\t1.5\t90\t\npeer\t124\t130.0\t130\t\nrun\t1\t3.2\t140\t\n")
+    steps = gpu_report.read_steps(tmp_path / "steps.tsv")
+    assert {name: step["status"] for name, step in steps.items()} == {
+        "env": "ok",
+        "peer": "timeout",
+        "run": "failed",
+    }
