@@ -48,7 +48,7 @@ class FineTuned(nn.Module):
 
     def __init__(self, method: Method, num_classes: int, from_layer: str) -> None:
         super().__init__()
-        self.backbone = copy.deepcopy(method.backbone)
+        self.backbone = copy.deepcopy(method.backbone).requires_grad_(True)  # all of it, even frozen parts
         dim = method.backbone.feature_dim
         self.middle: nn.Module = nn.Identity()
         if from_layer == "g1":
@@ -150,6 +150,7 @@ def _train(
     order_rng = torch.Generator().manual_seed(derived_seed(config.seed, f"finetune-order-{images.shape[0]}"))
     augment_rng = torch.Generator(device=device).manual_seed(derived_seed(config.seed, "finetune-augment"))
     channels_last = _uses_channels_last(model.backbone, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model.train()
     order = torch.randperm(images.shape[0], generator=order_rng)
     cursor = 0
@@ -170,6 +171,7 @@ def _train(
         if not torch.isfinite(loss):
             raise SslabError(f"fine-tuning diverged (non-finite loss at step {step + 1}); lower finetune_lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     model.eval()

@@ -528,6 +528,7 @@ def seed_loss(
         return -(p_t * F.log_softmax(logits_s / student_temperature, dim=1)).sum(dim=1).mean()
 
 
+@full_precision
 def distillation_kl(z_s: Tensor, z_t: Tensor, temperature: float = 0.2) -> Tensor:
     """The distillation loss of S2-BNN (Shen et al. 2021, "distillation only"), mean over the N samples.
 
@@ -723,7 +724,7 @@ def invaspread_loss(
     others = torch.ones_like(p, dtype=torch.bool).index_put_(
         (rows, own), torch.tensor(False, device=f.device)
     )
-    spreading = torch.log1p(-p).masked_fill(~others, 0).sum(dim=1)  # (N,) sum_{i != j} log(1 - P(i | x_j))
+    spreading = torch.log1p(-p.masked_fill(~others, 0)).sum(dim=1)  # (N,) sum_{i != j} log(1 - P(i | x_j))
     return -(invariance + spreading).sum() / n
 
 

@@ -46,7 +46,7 @@ from sslab.metrics import (
     layer_name,
     swept_name,
 )
-from sslab.models import build_backbone
+from sslab.models import backbone_for
 from sslab.store import Provenance, Store
 from sslab.tracking import open_trackers
 from sslab.train import (
@@ -138,15 +138,7 @@ class DataFormat:
 
 def build_model(config: TrialConfig, data: ImageDataset | DataFormat) -> Method:
     torch.manual_seed(config.seed)
-    backbone = build_backbone(
-        config.backbone,
-        data.channels,
-        data.image_size,
-        config.cifar_stem,
-        patch_size=config.patch_size,
-        vit_pool=config.vit_pool,
-        resnet_width=config.resnet_width,
-    )
+    backbone = backbone_for(config, data.channels, data.image_size)
     return build_method(config, backbone, data.num_classes)
 
 
@@ -306,6 +298,8 @@ def run_trial(
         data = _format(pretrained) if pretrained is not None else DataFormat.of(cast(ImageDataset, dataset))
         probe_data = evaluation_dataset(config, data) if config.probe_dataset else cast(ImageDataset, dataset)
         method = build_model(config, data)
+        if config.finetune_labels and config.finetune_from == "g1" and not _has_hidden_head_layer(method):
+            raise ConfigError(f"finetune_from=g1: method {config.method} has no head with a hidden layer")
         method.to(device)
         key = baseline_key(config, device)
         stored_key = baseline_hash(config, device)
@@ -413,6 +407,10 @@ def run_trial(
     )
 
 
+def _has_hidden_head_layer(method: Method) -> bool:
+    return method.head is not None and len(method.head.layers) >= 2
+
+
 def _reusable(config: TrialConfig, store: Store, weights_dir: Path | None) -> weights.TrainedWeights | None:
     """Kept weights of this trial's pretraining, if the trial that trained them is done in this store (so
     that `pretrained_from` names a trial the store holds)."""
@@ -516,6 +514,7 @@ def _train_alongside(
 def baseline_key(config: TrialConfig, device: torch.device) -> tuple[Any, ...]:
     """What the random-init baseline depends on: data, seeded initial backbone weights, probe settings."""
     return (
+        config.method if config.info.own_backbone else None,
         config.dataset,
         config.data_dir,
         config.image_size,
@@ -567,6 +566,8 @@ _NOT_IN_BASELINE = {
 def baseline_hash(config: TrialConfig, device: torch.device) -> str:
     """The key of a stored random-init baseline: every field it may depend on, as set, and the device type."""
     fields = {name: getattr(config, name) for name in SHARED_FIELDS if name not in _NOT_IN_BASELINE}
+    if config.info.own_backbone:
+        fields["method"] = config.method
     payload = json.dumps({**fields, "device": device.type, "v": 1}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

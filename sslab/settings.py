@@ -117,6 +117,7 @@ class MethodInfo:
     # Shown (by a gloo test against one process on the global batch) to compute the same in several processes;
     # a method without it refuses to run under torchrun.
     multiprocess: bool = False
+    own_backbone: bool = False  # replaces the trial's backbone by encoders of its own (CMC's L and ab)
     version: int = 1  # bumped when a fix changes what the method computes: its old trials stay, marked older
     shared_defaults: Mapping[str, Any] = field(
         default_factory=dict
@@ -143,6 +144,7 @@ class MethodSettings:
     paper: ClassVar[str]
     multicrop: ClassVar[bool] = False
     multiprocess: ClassVar[bool] = False
+    own_backbone: ClassVar[bool] = False
     version: ClassVar[int] = 1
     shared_defaults: ClassVar[Mapping[str, Any]] = {}
     ignores: ClassVar[tuple[str, ...]] = ()
@@ -157,6 +159,7 @@ class MethodSettings:
                 "paper": cls.paper,
                 "multicrop": cls.multicrop,
                 "multiprocess": cls.multiprocess,
+                "own_backbone": cls.own_backbone,
                 "version": cls.version,
                 "shared_defaults": dict(cls.shared_defaults),
                 "ignores": tuple(cls.ignores),
@@ -186,6 +189,7 @@ def make_info(
         settings=dict(settings),
         multicrop=bool(attributes.get("multicrop", False)),
         multiprocess=bool(attributes.get("multiprocess", False)),
+        own_backbone=bool(attributes.get("own_backbone", False)),
         version=int(attributes.get("version", 1)),
         shared_defaults=dict(attributes.get("shared_defaults", {})),
         ignores=tuple(attributes.get("ignores", ())),

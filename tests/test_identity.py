@@ -112,7 +112,7 @@ def test_numbers_are_normalised() -> None:
 
 def test_method_defaults_are_left_out_of_the_identity() -> None:
     dino = from_mapping({"method": "dino"})
-    assert dino.identity() == {"v": 2, "method": "dino"}
+    assert dino.identity() == {"v": 2, "method": "dino", "method_version": dino.info.version}
     assert dino.optimizer == "adamw" and dino.settings.teacher_temp == 0.04
     explicit = {"method": "dino", "optimizer": "adamw", "lr": 1e-3, "dino.teacher_temp": 0.04}
     assert from_mapping(explicit).hash() == dino.hash()

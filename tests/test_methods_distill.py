@@ -407,11 +407,9 @@ def test_a_distill_student_beats_random_init(
 def test_the_two_stage_script_runs_the_teacher_then_the_study(tmp_path: Path) -> None:
     # The preset at one epoch, in ./studies where it shadows the shipped one: a teacher and three cells.
     preset = (ROOT / "studies" / "seed-distill.toml").read_text()
-    assert preset.count("epochs = [4, 16]") == 1
+    assert preset.count("epochs = 4\n") == 1
     (tmp_path / "studies").mkdir()
-    (tmp_path / "studies" / "seed-distill.toml").write_text(
-        preset.replace("epochs = [4, 16]", "epochs = [1]")
-    )
+    (tmp_path / "studies" / "seed-distill.toml").write_text(preset.replace("epochs = 4\n", "epochs = 1\n"))
     tiny = ["dataset=fashion-mnist-mini", "train_subset=128", "batch_size=64", "precision=fp32"]
     env = {
         **os.environ,

@@ -378,3 +378,11 @@ def test_short_pretraining_beats_random_init(method: str, tmp_path) -> None:
     assert outcome.status == "done" and outcome.collapsed is False
     losses = [m.value for m in store.metrics(outcome.trial_id) if m.name == "loss"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
+
+
+@pytest.mark.parametrize("mask", ["center", "random_block"])
+def test_an_overlap_that_hides_nothing_is_a_one_line_error(mask: str) -> None:
+    method = make("inpaint", 1, **{"inpaint.mask": mask, "inpaint.overlap_px": 8})
+    x = torch.randn(2, 1, SIDE, SIDE)
+    with pytest.raises(ConfigError, match="leaves nothing hidden"):
+        method([x, x], torch.zeros(2, dtype=torch.long), step_context(rows=2))

@@ -31,7 +31,7 @@ from sslab.config import TrialConfig
 from sslab.errors import ConfigError
 from sslab.losses import cmc_in_batch, cmc_nce, cmc_partition, cmc_softmax
 from sslab.methods.base import Method, StepContext, StepOutput, register
-from sslab.models import Backbone, Head, build_backbone, build_head
+from sslab.models import Backbone, Head, backbone_for, build_head
 from sslab.settings import MethodSettings, Setting
 
 # The official code's Lab normalisation: L in [0, 100] and a, b in their sRGB ranges mapped to [-1, 1].
@@ -45,6 +45,7 @@ _MATMUL_BANK_ROWS_PER_DRAW = 32
 class CMCSettings(MethodSettings):
     name = "cmc"
     paper = "Tian, Krishnan & Isola 2020, Contrastive Multiview Coding"
+    own_backbone = True  # the L and ab encoders: its random-init baseline is its own
     shared_defaults = {
         "head": 1,  # each encoder's linear layer to the 128-d features (out_dim's default)
         "aug": "crop(scale=0.2-1),flip",  # the official training transform: random resized crop and flip
@@ -135,9 +136,7 @@ class CMC(Method):
         stem = config.cifar_stem
         if stem is None:  # the trainer's choice for the data's image size, read from its first layer
             stem = conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-        self.backbone = LabEncoders(
-            build_backbone(config.backbone, 1, size, stem), build_backbone(config.backbone, 2, size, stem)
-        )
+        self.backbone = LabEncoders(backbone_for(config, 1, size), backbone_for(config, 2, size))
         self.head_l = self._projection(self.backbone.l_encoder.feature_dim)
         self.head_ab = self._projection(self.backbone.ab_encoder.feature_dim)
         self.head = None  # the probe's features are the concatenated encoders', without a head

@@ -6,7 +6,10 @@ teacher sees the two global crops, the student all crops (multi-crop). Algorithm
 loss = H(softmax((t - c) / tau_t), softmax(s / tau_s)) over crop pairs; the teacher is an EMA of the
 student (momentum `ema`, raised to 1 on a cosine when `ema_cosine`), c an EMA of the teacher's batch mean.
 The last layer is frozen during the first `dino.freeze_prototypes` epochs (DINO's freeze_last_layer). The
-student's backbone is the one probed; the paper evaluates the teacher.
+student's backbone is the one probed; the paper evaluates the teacher. On a ViT the head is DINO's DINOHead:
+GELU, truncated-normal weights (std 0.02); its ViT recipe also drops the batch-norm (`head_bn = false`). Each
+step reports `teacher_entropy`, the mean entropy of the centred, sharpened teacher distribution: 0 when it
+collapses to one dimension (no centering), log K when it collapses to the uniform (no sharpening).
 """
 
 from __future__ import annotations
@@ -21,10 +24,30 @@ from torch import Tensor, nn
 from sslab.config import TrialConfig
 from sslab.losses import dino_center, dino_loss, full_precision
 from sslab.methods.base import Method, StepContext, StepOutput, concat_forward, register
+from sslab.metrics import TEACHER_ENTROPY
 from sslab.models import Backbone, Head, build_head
 from sslab.settings import MethodSettings, Setting
 
 BOTTLENECK = 256  # DINO head's l2-normalised bottleneck before the last layer
+
+
+@torch.no_grad()
+def teacher_entropy(teacher_out: list[Tensor], center: Tensor, teacher_temp: float) -> Tensor:
+    """Mean over the rows of every teacher output (B, K) of H(P_t), P_t = softmax((t - c) / tau_t).
+
+    The teacher's targets in `dino_loss`: 0 nats for one-hot targets, log K for uniform ones.
+    """
+    t = torch.cat([x.detach().float() for x in teacher_out])  # (2B, K)
+    log_p = F.log_softmax((t - center.float().reshape(1, -1)) / teacher_temp, dim=1)  # (2B, K)
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def truncated_normal_init(module: nn.Module) -> None:
+    """DINO's head initialisation: linear weights from a truncated normal of std 0.02, biases 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class DINOSettings(MethodSettings):
@@ -36,7 +59,8 @@ class DINOSettings(MethodSettings):
     shared_defaults = {
         "head": 3,  # 3-layer MLP (hidden 2048) to the bottleneck, as in the paper
         "head_width": 2048,
-        # head_bn stays on (TrialConfig's default; DINO's use_bn_in_head, off for ViTs): a random small CNN
+        # head_bn stays on (TrialConfig's default; DINO's use_bn_in_head, off in its ViT recipe, which ViT
+        # trials set with head_bn = false, as studies/dino-centering.toml does): a random small CNN
         # maps all images to nearly the same h, so without it the centred teacher targets are nearly uniform
         # and short runs collapse to the uniform output (measured: the loss stays at log K).
         # K = 65536 for ImageNet; 4096 (solo-learn's CIFAR setting) keeps the last layer at 1M weights
@@ -89,9 +113,17 @@ class DINO(Method):
     def __init__(self, config: TrialConfig, backbone: Backbone, num_classes: int) -> None:
         super().__init__(config, backbone, num_classes)
         s = self.settings
-        self.head = build_head(
-            backbone.feature_dim, config.head, config.head_width, BOTTLENECK, config.head_bn
+        vit = config.backbone.startswith("vit_")
+        self.head = build_head(  # the CNN head keeps ReLU and nn.Linear's initialisation (its trials' head)
+            backbone.feature_dim,
+            config.head,
+            config.head_width,
+            BOTTLENECK,
+            config.head_bn,
+            activation="gelu" if vit else "relu",
         )
+        if vit:  # DINOHead._init_weights
+            self.head.apply(truncated_normal_init)
         last = nn.Linear(BOTTLENECK, config.out_dim, bias=False)  # nn.Linear's initialisation
         self.prototypes = nn.Parameter(last.weight.detach())  # last layer V (K, 256)
         self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)})
@@ -111,9 +143,10 @@ class DINO(Method):
             h_t = self.teacher["backbone"](torch.cat(views[:2]))  # (2N, D)
             teacher = self._out(self.teacher["head"](h_t), self.teacher_prototypes).chunk(2)  # 2 x (N, K)
         loss = dino_loss(list(student), list(teacher), self.center, s.temperature, self.teacher_temp)
+        entropy = teacher_entropy(list(teacher), self.center, self.teacher_temp)  # with the c the loss used
         if s.centering:  # c follows the mean over the global batch
             self.center.copy_(dino_center(self.center, list(teacher), s.center_momentum, step.gather))
-        return StepOutput(loss=loss, embedding=student[0])
+        return StepOutput(loss=loss, embedding=student[0], metrics={TEACHER_ENTROPY.name: entropy})
 
     @staticmethod
     @full_precision

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslab.config import TrialConfig
+from sslab.errors import ConfigError
 from sslab.methods.base import Method, StepContext, StepOutput, register
 from sslab.methods.pretext_ops import box_masks, center_box, inpaint_loss, input_channels, overlap_weights
 from sslab.models import Backbone
@@ -90,9 +91,19 @@ class Inpaint(Method):
         """The predicted boxes (N, K, 4) [top, left, height, width] of a batch; random ones drawn by torch."""
         s = self.settings
         top, left, box_h, box_w = center_box(height, width, s.mask_fraction)
+        if s.mask == "center" and 2 * s.overlap_px >= min(box_h, box_w):
+            raise ConfigError(
+                f"inpaint.overlap_px={s.overlap_px} leaves nothing hidden in the {box_h}x{box_w} centre of "
+                f"{height}-px images; use overlap_px < {min(box_h, box_w) / 2:g} or a larger mask_fraction"
+            )
         if s.mask == "center":
             return torch.tensor([top, left, box_h, box_w], device=device).expand(n, 1, 4)
         box_h, box_w = max(1, round(box_h / 2)), max(1, round(box_w / 2))
+        if 2 * s.overlap_px >= min(box_h, box_w):
+            raise ConfigError(
+                f"inpaint.overlap_px={s.overlap_px} leaves nothing hidden in {box_h}x{box_w} random blocks "
+                f"of {height}-px images; use overlap_px < {min(box_h, box_w) / 2:g} or a larger mask_fraction"
+            )
         corner = torch.rand(n, BLOCKS, 2, device=device)  # (N, K, 2)
         tops = (corner[..., 0] * (height - box_h + 1)).floor().long()
         lefts = (corner[..., 1] * (width - box_w + 1)).floor().long()

@@ -53,7 +53,7 @@ class JigsawSettings(MethodSettings):
         "size of the permutation set: the number of classes",
         "Noroozi's released model (permutations_100_max); Table 3 ablates 100 to 1000",
         minimum=2,
-        maximum=362880,
+        maximum=2000,  # the greedy set costs O(size * 9!) to build
     )
     permutation_criterion = Setting(
         "mean",

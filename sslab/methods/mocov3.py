@@ -2,6 +2,12 @@
 
 Follows Algorithm 1: q = pred(proj(f_q(x))), k = proj(f_k(x)), ctr(q1, k2) + ctr(q2, k1), each InfoNCE
 scaled by 2T, and the momentum m raised from its base to 1 on a cosine schedule.
+
+Heads as in its `moco/builder.py`: MLPs of Linear -> BN -> ReLU hidden layers, the projector ending in a
+BN without affine parameters (`head_bn`). MoCo_ViT's projector has 3 layers (`head = 3`, which ViT trials
+set, as studies/mocov3-vit-stability.toml does) and its predictor 2, ending in BN (`pred_bn`); MoCo_ResNet's
+projector has 2 (`head`'s default) and its predictor ends without BN, where this one keeps `pred_bn`'s BN.
+On a ViT, `freeze_patch_embed` keeps the random patch projection fixed (its --stop-grad-conv1).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from sslab.settings import MethodSettings, Setting
 class MoCoV3Settings(MethodSettings):
     name = "mocov3"
     paper = "Chen, Xie & He 2021, An Empirical Study of Training Self-Supervised Vision Transformers"
-    # 2-layer projector (its ResNet code): TrialConfig's head; SGD lr 0.5 instead of LARS, which at batch 256
-    # barely learns in a few epochs (see byol.py)
+    # 2-layer projector (its ResNet code): TrialConfig's head (a default of 3, its ViT code's, would change
+    # every CNN trial); SGD lr 0.5 instead of LARS, which at batch 256 barely learns in a few epochs (see
+    # byol.py). Its ViT recipe: head = 3, AdamW lr 1.5e-4 per 256 images, weight decay 0.1.
     shared_defaults = {"out_dim": 256}
     multiprocess = True  # tests/test_distributed_methods.py
     version = 2  # 2: InfoNCE logits in float32 under autocast
@@ -36,7 +43,12 @@ class MoCoV3Settings(MethodSettings):
     pred_width = Setting(
         512, "hidden width of the predictor", "scaled from 4096", minimum=1, needs="predictor"
     )
-    pred_bn = Setting(True, "batch-norm in the predictor", "MoCo v3", needs="predictor")
+    pred_bn = Setting(
+        True,
+        "batch-norm in the predictor, its output included",
+        "MoCo v3's ViT predictor (its ResNet predictor has no output BN)",
+        needs="predictor",
+    )
     pred_lr_fixed = Setting(
         False,
         "keep the predictor's learning rate constant",

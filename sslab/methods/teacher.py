@@ -12,7 +12,7 @@ from sslab import weights
 from sslab.config import from_mapping
 from sslab.errors import ConfigError
 from sslab.methods.base import StepContext, build_method
-from sslab.models import build_backbone
+from sslab.models import backbone_for
 
 PRETRAINING_HASH = re.compile(r"^[0-9a-f]{16}$")
 
@@ -78,7 +78,7 @@ def load_teacher(method: str, pretraining_hash: str) -> FrozenTeacher:
         )
     config = from_mapping(trained.config, source=f"teacher {pretraining_hash}", other_methods="ignore")
     with torch.random.fork_rng(devices=[]):  # the student's initial weights do not depend on the teacher
-        backbone = build_backbone(config.backbone, trained.channels, trained.image_size, config.cifar_stem)
+        backbone = backbone_for(config, trained.channels, trained.image_size)
         teacher = build_method(config, backbone, trained.num_classes)
     teacher.load_state_dict(trained.state)
     if teacher.head is None:

@@ -11,6 +11,7 @@ from torch import nn
 from sslab.errors import ConfigError
 
 if TYPE_CHECKING:
+    from sslab.config import TrialConfig
 
     class Backbone(nn.Module):
         """An encoder: images (N, C, H, W) -> features h (N, feature_dim)."""
@@ -152,3 +153,17 @@ def build_backbone(
 
         return cast(Backbone, ViT(name, in_channels, image_size, patch_size, vit_pool))
     raise ConfigError(f"unknown backbone '{name}'; valid backbones: {', '.join(BACKBONES)}")
+
+
+def backbone_for(config: TrialConfig, in_channels: int, image_size: int) -> Backbone:
+    """The backbone a trial's config describes, for images of this format (the one place that reads the
+    backbone fields, so the trainer, methods with encoders of their own and teachers all build alike)."""
+    return build_backbone(
+        config.backbone,
+        in_channels,
+        image_size,
+        config.cifar_stem,
+        patch_size=config.patch_size,
+        vit_pool=config.vit_pool,
+        resnet_width=config.resnet_width,
+    )

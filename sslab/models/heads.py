@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
 
 
 class Head(nn.Module):
     """An MLP g(h) whose intermediate outputs can be probed (SimCLR Fig. 8, SimCLRv2 head depth).
 
     depth 0 is the identity, depth 1 a linear map, depth >= 2 has depth-1 hidden layers of
-    Linear -> [BatchNorm] -> ReLU followed by a final Linear (with BatchNorm when `last_bn`).
+    Linear -> [BatchNorm] -> activation (ReLU, or GELU as in DINO's head) followed by a final Linear (with
+    BatchNorm when `last_bn`).
     """
 
     def __init__(
@@ -21,8 +26,11 @@ class Head(nn.Module):
         out_dim: int,
         batch_norm: bool = True,
         last_bn: bool = False,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} (got {activation!r})")
         self.layers = nn.ModuleList()
         previous = in_dim
         for index in range(depth):
@@ -34,7 +42,7 @@ class Head(nn.Module):
             if batch_norm and (not last or last_bn):
                 block.append(nn.BatchNorm1d(width, affine=not last))
             if not last:
-                block.append(nn.ReLU(inplace=True))
+                block.append(ACTIVATIONS[activation]())
             self.layers.append(nn.Sequential(*block))
             previous = width
         self.out_dim = previous
@@ -60,5 +68,6 @@ def build_head(
     out_dim: int,
     batch_norm: bool = True,
     last_bn: bool = False,
+    activation: str = "relu",
 ) -> Head:
-    return Head(in_dim, depth, hidden_dim or in_dim, out_dim, batch_norm, last_bn)
+    return Head(in_dim, depth, hidden_dim or in_dim, out_dim, batch_norm, last_bn, activation)

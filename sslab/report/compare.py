@@ -20,7 +20,16 @@ from rich import box
 from rich.table import Table
 
 from sslab.errors import SslabError
-from sslab.metrics import ALIGNMENT, COLLAPSE_RATIO, KNN_TOP1, LINEAR_TOP1, LOSS, RANKME, UNIFORMITY
+from sslab.metrics import (
+    ALIGNMENT,
+    COLLAPSE_RATIO,
+    KNN_TOP1,
+    LINEAR_TOP1,
+    LOSS,
+    RANKME,
+    TEACHER_ENTROPY,
+    UNIFORMITY,
+)
 from sslab.report.data import metric_scale, plain_value
 from sslab.report.figures import add_notes, new_figure, save_figure
 from sslab.report.stats import describe, paired_difference
@@ -34,6 +43,7 @@ CURVE_METRICS = (
     RANKME.name,
     ALIGNMENT.name,
     UNIFORMITY.name,
+    TEACHER_ENTROPY.name,
 )
 PANELS_PER_ROW = 3
 COMPARED_METRICS = (LINEAR_TOP1.name, KNN_TOP1.name)
