@@ -37,9 +37,16 @@ def sigterm_as_interrupt() -> Callable[[], None]:
     return restore
 
 
+def interrupt_once(signum: int, frame: Any) -> None:
+    """Ctrl-C: stop once, then ignore further SIGINTs (the same Ctrl-C passed on by a parent) while the
+    interrupted work records itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def interruptible() -> None:
     """Restore Ctrl-C where the process was started with SIGINT ignored (a shell's background job), and stop
     on SIGTERM the same way, for the rest of the process's life."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, interrupt_once)
     for signum in STOP_SIGNALS:
         signal.signal(signum, raise_terminated)

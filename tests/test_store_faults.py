@@ -71,8 +71,11 @@ def test_a_damaged_page_stops_every_command_with_one_line(tmp_path: Path, monkey
     path = filled_store(tmp_path)
     size = path.stat().st_size
     assert size >= 4 * 4096
-    with path.open("r+b") as handle:  # scribble over the middle of a b-tree page (not the header page)
-        handle.seek(size // 2 + 8)
+    with sqlite3.connect(path) as db:  # a b-tree page in use: the metrics table's root (not the header page)
+        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sslab_metrics'").fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    with path.open("r+b") as handle:
+        handle.seek((root - 1) * page_size + page_size // 2)
         handle.write(b"\xff\x00garbage-garbage-garbage\x13\x37" * 40)
     before = digest(tmp_path)
     for args in commands(path):

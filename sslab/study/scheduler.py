@@ -21,7 +21,7 @@ from rich.console import Console
 
 from sslab.errors import ConfigError, SslabError
 from sslab.runner import DEFAULT_CHECKPOINT_DIR, run_trial
-from sslab.signals import Terminated, interruptible, sigterm_as_interrupt
+from sslab.signals import interruptible, sigterm_as_interrupt
 from sslab.store import Store
 from sslab.study.expand import StudyPlan
 from sslab.study.progress import Event, StudyDisplay, WorkerStopped
@@ -111,9 +111,6 @@ def assign_devices(options: RunOptions) -> tuple[list[str | None], int | None]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers) if on_cpu and workers > 1 else None  # split cores, don't oversubscribe
     return assigned, threads
-
-
-FORWARD_AFTER_S = 2.0  # how long a worker gets to see a Ctrl-C of its own before the parent passes it on
 
 
 def _worker_main(plan: StudyPlan, url: str, options: WorkerOptions, events: Any) -> None:
@@ -235,12 +232,10 @@ def _run_processes(
                 handle(events.get_nowait())
             except queue.Empty:
                 break
-    except KeyboardInterrupt as exc:
-        # A terminal's Ctrl-C reaches the workers too; a SIGTERM, or a SIGINT sent to this process alone
-        # (`kill -INT`, a background shell), is passed on to those still running after a moment.
+    except KeyboardInterrupt:
+        # Passed on to every worker: a SIGTERM, or a SIGINT sent to this process alone (`kill -INT`). A
+        # terminal's Ctrl-C reaches the workers too, and they ignore this second one (`interrupt_once`).
         for process in processes:
-            if not isinstance(exc, Terminated):
-                process.join(FORWARD_AFTER_S)
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGINT)
         for process in processes:  # they record their trials as interrupted
