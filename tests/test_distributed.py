@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import WORLD, run_ranks
 from steps import step_context
 from torch import nn
 
@@ -23,15 +22,8 @@ from sslab.models import build_backbone
 from sslab.store import Store
 from sslab.train import pretrain
 
-WORLD = 2
 GLOBAL_BATCH = 8
 SIZE = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _simclr(**changes: object) -> Method:
@@ -69,16 +61,7 @@ def _one_step(
     }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    device = distributed.init(torch.device("cpu"))
+def _worker(rank: int, device: torch.device, out: Path) -> dict:
     results: dict = {"device": str(device), "backend": dist.get_backend(), "rank": distributed.rank()}
     # One step by hand, as the trainer sets it up: synchronised batch-norm, same weights, gathered negatives.
     method = _simclr()
@@ -95,7 +78,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["loss"] = history[-1].loss
     # --resume: every process continues from its own augmentation state, as if never interrupted.
     random_views = {**PRETRAIN, "aug": "crop,flip,color", "epochs": 2}
-    checkpoint, first_epoch = Path(out) / "last.pt", Path(out) / "epoch1.pt"
+    checkpoint, first_epoch = out / "last.pt", out / "epoch1.pt"
     uninterrupted = _simclr(**random_views)
     pretrain(
         uninterrupted,
@@ -115,15 +98,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         distributed.local_batch_size(GLOBAL_BATCH + 1)
     except ConfigError as exc:
         results["error"] = str(exc)
-    torch.save(results, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("ranks"))
 
 
 def test_two_gloo_processes_match_one_process_loss_and_gradients(ranks: list[dict]) -> None:

@@ -3,14 +3,11 @@ batch: the loss, the gradients and every piece of state after a few optimiser st
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import WORLD, run_ranks
 from steps import step_context
 
 from sslab import distributed
@@ -19,7 +16,6 @@ from sslab.methods.base import Gather, Method, build_method
 from sslab.models import build_backbone
 from sslab.optim import build_optimizer
 
-WORLD = 2
 GLOBAL_BATCH = 8
 SIZE = 16
 STEPS = 3
@@ -32,12 +28,6 @@ METHODS: dict[str, dict[str, object]] = {
     "nnclr": {"head_width": 32, "queue_size": 12, "pred_width": 16},
     "invaspread": {},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _method(name: str) -> Method:
@@ -72,16 +62,7 @@ def _train(method: Method, rows: slice, gather: Gather) -> dict:
     return {"losses": torch.stack(losses), "grads": grads, "state": method.state_dict()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    device = distributed.init(torch.device("cpu"))
+def _worker(rank: int, device: torch.device, out: Path) -> dict:
     rows = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
     results = {}
     for name in METHODS:
@@ -89,15 +70,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         distributed.convert_sync_batchnorm(method, device)
         distributed.broadcast_module(method)
         results[name] = _train(method, rows, distributed.ProcessGather())
-    torch.save(results, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("family-ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("family-ranks"))
 
 
 @pytest.mark.parametrize("name", list(METHODS))

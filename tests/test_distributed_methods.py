@@ -5,15 +5,12 @@ of the same views, and the results (losses, gradients, the whole state dict: cen
 prototypes, momentum encoders) are compared with one process trained on the whole batch.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import WORLD, run_ranks
 from steps import step_context
-from test_distributed import _free_port
 
 from sslab import distributed
 from sslab.config import from_mapping
@@ -22,7 +19,6 @@ from sslab.methods.catalog import method_info
 from sslab.methods.momentum import SHUFFLE_BN_GROUP, shuffled_bn_forward
 from sslab.models import build_backbone
 
-WORLD = 2
 GLOBAL_BATCH = 8
 SIZE, LOCAL_SIZE = 8, 4  # global and local crops
 STEPS = 3
@@ -94,31 +90,19 @@ def _train(case: str, gather: Gather) -> dict:
     return {"losses": torch.stack(losses), "grads": grads, "state": state}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    distributed.init(torch.device("cpu"))
+def _worker(rank: int, device: torch.device, out: Path) -> dict:
     results: dict = {case: _train(case, distributed.ProcessGather()) for case in CASES}
     # MoCo's shuffling BN under synchronised batch-norm: sub-batches joined over the processes.
     sizes: list[int] = []
     bn = distributed.SyncBatchNorm(5)
     shuffled_bn_forward(lambda x: sizes.append(len(x)) or bn(x), torch.randn(64, 5), synced=WORLD)
     results["sub_batches"] = sizes
-    torch.save(results, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("ranks"))
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:

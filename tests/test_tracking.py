@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from gloo import free_port
 from typer.testing import CliRunner
 
 from sslab.cli import app
@@ -58,12 +58,6 @@ def test_wandb_without_the_package_is_a_one_line_error(tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "choose from tensorboard, wandb" in unknown.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str) -> object:
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
@@ -79,7 +73,7 @@ def test_the_store_opens_in_optuna_dashboard(tmp_path: Path, monkeypatch) -> Non
     url = f"sqlite:///{tmp_path / 'r.db'}"
     assert runner.invoke(app, ["study", "run", str(tmp_path / "dash.toml"), "--db", url]).exit_code == 0
     dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(dashboard), url, "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
