@@ -92,6 +92,24 @@ bars.__doc__ = "Grouped bars: --x groups, a bar per --hue value, error bars from
 report_app.command("bars")(bars)
 
 
+@report_app.command("training")
+@handle_errors
+def training(
+    study: StudyArgument,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help=".png, .svg or .pdf (default results/STUDY-training.png)"),
+    ] = None,
+    where: WhereOption = None,
+    db: DbOption = None,
+) -> None:
+    """Per-epoch training metrics (loss, kNN, collapse, teacher entropy...), a line per cell of the study."""
+    from sslab.report.training_curves import render_training_curves
+
+    path = render_training_curves(_store(db), study, out, _where(where))
+    console.print(f"wrote {path} and {path.with_suffix('.csv')}")
+
+
 @report_app.command("table")
 @handle_errors
 def table(

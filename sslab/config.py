@@ -60,6 +60,8 @@ class TrialConfig:
     aug: str = "crop(scale=0.2-1),flip,color(s=0.5)"  # ops for both views (crop milder than on ImageNet)
     aug1: str | None = None  # ops for the first view only; None uses --aug
     aug2: str | None = None  # ops for the second view only; None uses --aug
+    # SimCLR Fig. 5 first crops every image, one box shared by both branches: --base-aug crop
+    base_aug: str | None = None  # ops drawn once per image that both views start from; None: the image
 
     # --- projection head ------------------------------------------------------------------------------
     head: int = 2  # head depth: 0 none, 1 linear, 2 SimCLR's non-linear head, 3+ as in SimCLRv2
@@ -76,6 +78,7 @@ class TrialConfig:
     optimizer: str = "sgd"  # sgd | lars | adam | adamw
     lr: float = 0.5  # learning rate for batch 256, scaled linearly with the batch size
     weight_decay: float = 5e-4  # on weights only, not biases or batch-norm (usual for small images)
+    weight_decay_end: float | None = None  # None: constant; else a cosine from weight_decay to this (DINO)
     momentum: float = 0.9  # SGD / LARS momentum
     warmup_epochs: float = 0.5  # linear warm-up length, then cosine decay to zero
     epochs: int = 4  # pretraining epochs (4 clears the random-init baseline on the embedded set)
@@ -146,7 +149,7 @@ class TrialConfig:
         defaults or switched off (`needs`) are left out; both views are written canonically.
         """
         info = self.info
-        defaults = shared_defaults(info)
+        defaults = shared_defaults(info, self.method_version)
         skipped = set(info.ignores) | {"method", "aug", "aug1", "aug2"}
         if self.local_crops == 0:
             skipped |= {"local_size", "local_scale"}
@@ -164,7 +167,7 @@ class TrialConfig:
         elif first != canonical_view(defaults["aug"]):
             identity["aug"] = first
         own = info.read(self.settings)
-        changed = {k: v for k, v in own.items() if v != info.settings[k].default}
+        changed = {k: v for k, v in own.items() if v != info.settings[k].default_at(self.method_version)}
         if changed:
             identity["settings"] = changed
         return identity
@@ -295,6 +298,12 @@ def coerce_value(name: str, value: Any) -> Any:
         value = ",".join(format_value(p) for p in label_percents(value))
     if name == "probe_dataset" and isinstance(value, str) and value.lower() in ("", "none"):
         value = None
+    if name == "base_aug" and isinstance(value, str):
+        try:
+            canonical = canonical_view(value) if value.lower() not in ("", "none") else "identity"
+        except ConfigError as exc:
+            raise ConfigError(f"base_aug: {exc}") from None
+        value = None if canonical == "identity" else canonical  # no shared step: the same trial as none
     return value
 
 
@@ -322,10 +331,11 @@ def _canonical_range(text: str) -> str:
         return text
 
 
-def shared_defaults(info: MethodInfo) -> dict[str, Any]:
-    """The shared fields' defaults for trials of this method: TrialConfig's, then the method's own."""
+def shared_defaults(info: MethodInfo, version: int | None = None) -> dict[str, Any]:
+    """The shared fields' defaults for trials of this method (and version; None: the current one):
+    TrialConfig's, then the method's own."""
     base = {f.name: f.default for f in fields(TrialConfig) if f.name in FIELD_NAMES}
-    return {**base, **info.shared_defaults}
+    return {**base, **info.shared_defaults_at(version)}
 
 
 def setting_owners(name: str) -> list[str]:
@@ -435,8 +445,8 @@ def from_mapping(
     if dataset.startswith(IMAGEFOLDER) and "data_fingerprint" not in shared:  # a stored record keeps its own
         shared["data_fingerprint"] = folder_fingerprint(dataset[len(IMAGEFOLDER) :])
     config = TrialConfig(
-        **{**shared_defaults(info), **shared},
-        settings=SettingValues({**info.defaults(), **own}),
+        **{**shared_defaults(info, method_version), **shared},
+        settings=SettingValues({**info.defaults(method_version), **own}),
         method_version=method_version,
     )
     problems = list(_problems(config, info))
@@ -456,6 +466,8 @@ def _problems(config: TrialConfig, info: MethodInfo) -> Iterator[str]:
     for name in _NON_NEGATIVE:
         if getattr(config, name) < 0:
             yield f"{name} must be >= 0 (got {getattr(config, name)})"
+    if config.weight_decay_end is not None and config.weight_decay_end < 0:
+        yield f"weight_decay_end must be >= 0 or none (got {config.weight_decay_end})"
     for name in ("image_size", "train_subset", "head_width", "patch_size"):
         value = getattr(config, name)
         if value is not None and value <= 0:

@@ -96,9 +96,9 @@ def build_optimizer(
     fixed_decay, fixed_no_decay = _split_decay(fixed, skip)
     lr = scaled_lr(config)
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": decay, "weight_decay": config.weight_decay, "decays": True},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
-        {"params": fixed_decay, "weight_decay": config.weight_decay, "fixed_lr": True},
+        {"params": fixed_decay, "weight_decay": config.weight_decay, "fixed_lr": True, "decays": True},
         {"params": fixed_no_decay, "weight_decay": 0.0, "lars_exclude": True, "fixed_lr": True},
     ]
     groups = [group for group in groups if group["params"]]
@@ -109,6 +109,24 @@ def build_optimizer(
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+@torch.no_grad()
+def clip_each_gradient(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
+    """Scale every parameter's gradient to an l2 norm of at most `max_norm`, each on its own (DINO's
+    `clip_gradients`, unlike torch's clip_grad_norm_ over all of them)."""
+    for parameter in parameters:
+        if parameter.grad is not None:
+            coefficient = max_norm / (parameter.grad.norm(2) + 1e-6)
+            parameter.grad.mul_(coefficient.clamp(max=1.0))
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float | None) -> float:
+    """DINO's weight-decay schedule: a cosine from `start` at step 0 to `end` at the last step."""
+    if end is None:
+        return start
+    progress = min(1.0, step / max(1, total_steps - 1))
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:

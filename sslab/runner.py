@@ -314,23 +314,28 @@ def run_trial(
             if baseline_cache is not None:
                 baseline_cache[key] = baseline
         if pretrained is None:
-            measure = _label_free(config, cast(ImageDataset, dataset), data, device)
-            label_free_baseline = measure(method)
+            label_free_now = _label_free(config, cast(ImageDataset, dataset), data, device)
+            label_free_baseline = label_free_now(method)
         else:
             label_free_baseline = pretrained.baseline
         store.log_metrics(trial_id, baseline_prefixed({**baseline, **label_free_baseline}))
 
+        def measure(method: Method, record: EpochRecord) -> dict[str, float]:
+            """After each trained epoch, before its checkpoint: kept in the record, so replayed on resume."""
+            extra = label_free_now(method)
+            if epoch_hook is not None:
+                seen = dataclasses.replace(record, extra={**record.extra, **extra})
+                try:
+                    epoch_hook(method, seen, extra)
+                except BaseException:  # a pruned trial keeps the epoch that decided it
+                    store.log_metrics(trial_id, {**seen.metrics(), **extra}, epoch=record.epoch)
+                    raise
+            return extra
+
         def record_epoch(record: EpochRecord) -> None:
-            extra: dict[str, float] = {}
-            try:
-                # A resumed trial's earlier epochs are replayed before training restarts, still in eval mode.
-                if epoch_hook is not None and method.training:
-                    epoch_hook(method, record, extra)
-                    method.train()
-            finally:
-                store.log_metrics(trial_id, {**record.metrics(), **extra}, epoch=record.epoch)
-                for tracker in trackers:
-                    tracker.epoch(record.epoch, {**record.metrics(), **extra})
+            store.log_metrics(trial_id, record.metrics(), epoch=record.epoch)
+            for tracker in trackers:
+                tracker.epoch(record.epoch, record.metrics())
 
         if pretrained is None:
             assert dataset is not None

@@ -69,10 +69,17 @@ class Setting:
     maximum: float | None = None  # highest valid value (inclusive)
     choices: tuple[str, ...] = ()
     needs: str | None = None  # a bool setting of the same method: this one is read only when that is true
+    # (version, value) pairs: trials of a method version below `version` had `value` as their default, so
+    # that a fix that changes a default keeps every older trial's identity
+    earlier: tuple[tuple[int, Any], ...] = ()
 
     @property
     def type(self) -> type:
         return self.kind or type(self.default)
+
+    def default_at(self, version: int | None) -> Any:
+        """The default for trials of this method version (None: the current one)."""
+        return _value_at(self.default, self.earlier, version)
 
     def coerce(self, name: str, value: Any) -> Any:
         return coerce(self.type, self.default is None, name, value)
@@ -124,9 +131,20 @@ class MethodInfo:
     )  # shared trial fields it sets differently
     ignores: tuple[str, ...] = ()  # shared trial fields it does not read (left out of its trials' identity)
     module: str | None = None  # where its implementation lives (imported only to train)
+    # {version: {field: value}}: the shared defaults that trials of versions below `version` had
+    earlier_shared_defaults: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
-    def defaults(self) -> dict[str, Any]:
-        return {name: setting.default for name, setting in self.settings.items()}
+    def defaults(self, version: int | None = None) -> dict[str, Any]:
+        return {name: setting.default_at(version) for name, setting in self.settings.items()}
+
+    def shared_defaults_at(self, version: int | None = None) -> dict[str, Any]:
+        """The shared fields this method sets differently, for trials of this version (None: current)."""
+        values = dict(self.shared_defaults)
+        if version is not None:
+            for below in sorted(self.earlier_shared_defaults, reverse=True):
+                if version < below:
+                    values.update(self.earlier_shared_defaults[below])
+        return values
 
     def read(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """The settings this method reads for these values (those whose `needs` switch is off left out)."""
@@ -147,6 +165,7 @@ class MethodSettings:
     own_backbone: ClassVar[bool] = False
     version: ClassVar[int] = 1
     shared_defaults: ClassVar[Mapping[str, Any]] = {}
+    earlier_shared_defaults: ClassVar[Mapping[int, Mapping[str, Any]]] = {}
     ignores: ClassVar[tuple[str, ...]] = ()
     info: ClassVar[MethodInfo]
 
@@ -162,6 +181,7 @@ class MethodSettings:
                 "own_backbone": cls.own_backbone,
                 "version": cls.version,
                 "shared_defaults": dict(cls.shared_defaults),
+                "earlier_shared_defaults": dict(cls.earlier_shared_defaults),
                 "ignores": tuple(cls.ignores),
             },
             settings,
@@ -192,9 +212,21 @@ def make_info(
         own_backbone=bool(attributes.get("own_backbone", False)),
         version=int(attributes.get("version", 1)),
         shared_defaults=dict(attributes.get("shared_defaults", {})),
+        earlier_shared_defaults={
+            int(v): dict(d) for v, d in dict(attributes.get("earlier_shared_defaults", {})).items()
+        },
         ignores=tuple(attributes.get("ignores", ())),
         module=module,
     )
+
+
+def _value_at(current: Any, earlier: tuple[tuple[int, Any], ...], version: int | None) -> Any:
+    value = current
+    if version is not None:
+        for below, old in sorted(earlier, key=lambda pair: pair[0], reverse=True):
+            if version < below:
+                value = old
+    return value
 
 
 class SettingValues(Mapping[str, Any]):

@@ -17,11 +17,12 @@ from torch import Tensor
 from sslab import distributed
 from sslab.augment.spec import Step
 from sslab.augment.view import View, parse_view
+from sslab.batches import image_source
 from sslab.config import TrialConfig
 from sslab.errors import SslabError
 from sslab.methods.base import Gather, Method, StepContext
 from sslab.metrics import COLLAPSE_RATIO, EPOCH_SECONDS, IMAGES_PER_S, LOSS, LR, OUTPUT_STD
-from sslab.optim import build_optimizer, lr_at, scaled_lr
+from sslab.optim import build_optimizer, lr_at, scaled_lr, weight_decay_at
 from sslab.runtime import tune_allocator
 
 READBACK_STEPS = 25  # on an accelerator: steps between reads of the loss (progress, non-finite check)
@@ -137,8 +138,11 @@ class ViewPlan:
     local_view: View | None
     local_crops: int
     local_size: int
+    base: View | None = None  # drawn once per image; every view starts from its output
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> list[Tensor]:
+        if self.base is not None:
+            x = self.base(x, generator)
         views = [view(x, generator) for view in self.global_views]
         if self.local_view is not None:
             for _ in range(self.local_crops):
@@ -148,16 +152,18 @@ class ViewPlan:
 
 
 def plan_views(config: TrialConfig, image_size: int) -> ViewPlan:
-    """Global views from --aug/--aug1/--aug2; local crops reuse the first view's ops with a smaller crop."""
+    """Global views from --aug/--aug1/--aug2, after --base-aug's shared step; local crops reuse the first
+    view's ops with a smaller crop."""
     global_views = tuple(parse_view(spec) for spec in config.view_specs)
+    base = parse_view(config.base_aug) if config.base_aug else None
     if config.local_crops == 0:
-        return ViewPlan(global_views, None, 0, image_size)
+        return ViewPlan(global_views, None, 0, image_size, base)
     low, high = (float(v) for v in config.local_scale.split("-"))
     crop = parse_view(f"crop(scale={low}-{high})").steps[0]
     steps = [step for step in global_views[0].steps if step.op.name != "crop"]
     local = View([Step(crop.op, {**crop.params, "scale": (low, high)}), *steps])
     size = config.local_size or max(8, round(image_size * 3 / 7))
-    return ViewPlan(global_views, local, config.local_crops, size)
+    return ViewPlan(global_views, local, config.local_crops, size, base)
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -196,12 +202,16 @@ def pretrain(
     resume: bool = False,
     reporter: Reporter | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
-    measure: Callable[[Method], dict[str, float]] | None = None,
+    measure: Callable[[Method, EpochRecord], dict[str, float]] | None = None,
+    stream: bool | None = None,
 ) -> TrainResult:
-    """Pretrain `method` on uint8 `images` (N, C, H, W) held on `device`; returns the per-epoch history.
+    """Pretrain `method` on uint8 `images` (N, C, H, W); returns the per-epoch history.
 
+    The images are held on `device` when they fit there, else streamed from host memory (`sslab.batches`;
+    `stream` True or False decides instead).
     `on_epoch` runs after each epoch's checkpoint is written (the store records metrics there). `measure`
-    runs before it (label-free metrics): what it returns is kept in the epoch's record and checkpoint.
+    runs before it, given the epoch's record so far (label-free metrics, a study's validation kNN): what it
+    returns is kept in the record and the checkpoint, so a resumed trial replays it.
     Under torchrun `config.batch_size` is the global batch: each process trains on its own contiguous share
     of every batch, gradients are averaged over the processes, and only the main process reports progress,
     writes checkpoints and calls `on_epoch`.
@@ -214,7 +224,8 @@ def pretrain(
     tune_allocator()
     views = plan_views(config, images.shape[-1])
     mean, std = (t.to(device) for t in channel_stats(images))
-    images, labels = images.to(device), labels.to(device)
+    source = image_source(images, device, stream)
+    labels = labels.to(device)
     channels_last = device.type != "mps" and method.backbone.channels_last
     method.to(device)
     if channels_last:
@@ -270,11 +281,17 @@ def pretrain(
         for index in range(per_epoch):
             step = epoch * per_epoch + index
             lr = lr_at(step, total_steps, warmup_steps, base_lr)
+            decay = weight_decay_at(step, total_steps, config.weight_decay, config.weight_decay_end)
             for group in optimizer.param_groups:
                 group["lr"] = base_lr if group.get("fixed_lr") else lr
+                if group.get("decays"):
+                    group["weight_decay"] = decay
             start = index * config.batch_size + rank * local_batch
-            batch_index = order[start : start + local_batch].to(device)
-            x = images[batch_index].float().div_(255.0)  # (B, C, H, W)
+            cpu_index = order[start : start + local_batch]
+            if index + 1 < per_epoch:  # a streamed source gathers the next batch while this step runs
+                source.prefetch(order[start + config.batch_size : start + config.batch_size + local_batch])
+            batch_index = cpu_index.to(device)
+            x = source.batch(cpu_index).float().div_(255.0)  # (B, C, H, W)
             batch_views = [(view - mean) / std for view in views(x, augment_rng)]
             if channels_last:
                 batch_views = [v.contiguous(memory_format=torch.channels_last) for v in batch_views]
@@ -304,6 +321,7 @@ def pretrain(
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             distributed.average_gradients(method)
+            scaler.unscale_(optimizer)  # the method sees true gradients (DINO clips them)
             method.before_optimizer_step(context)
             scaler.step(optimizer)
             scaler.update()
@@ -335,7 +353,7 @@ def pretrain(
             name: distributed.all_reduce_mean(total / per_epoch).item() for name, total in method_sums.items()
         }
         if measure is not None and main:
-            record.extra.update(measure(method))
+            record.extra.update(measure(method, record))
             method.train()
         result.history.append(record)
         result.train_seconds += seconds
@@ -363,4 +381,5 @@ def pretrain(
             on_epoch(record)
     reporter.finish()
     method.eval()
+    source.close()  # its background thread; an exception leaves it to the garbage collector
     return result

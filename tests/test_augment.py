@@ -433,3 +433,31 @@ def test_describe_ops() -> None:
     assert len(lines) == len(OPS)
     assert all(line.startswith(name) for line, name in zip(lines, OPS, strict=True))
     assert "crop(scale=0.08-1, ratio=0.75-1.333)" in lines[0]
+
+
+def test_base_aug_is_drawn_once_and_shared_by_both_views() -> None:
+    from sslab.config import from_mapping
+    from sslab.train import plan_views
+
+    config = from_mapping({"base_aug": "crop(scale=0.2-0.3)", "aug1": "identity", "aug2": "flip(p=1)"})
+    assert config.identity()["base_aug"] == "crop(scale=0.2-0.3)"
+    x = torch.rand(8, 3, 16, 16)
+    first, second = plan_views(config, 16)(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(second, first.flip(-1))  # one crop box per image, in both views
+    assert not torch.allclose(first, x)
+    # without it, two crops of the same image differ
+    separate = from_mapping({"aug": "crop(scale=0.2-0.3)"})
+    one, two = plan_views(separate, 16)(x, torch.Generator().manual_seed(0))
+    assert not torch.allclose(one, two)
+
+
+def test_base_aug_none_or_identity_is_the_default_trial() -> None:
+    from sslab.config import from_mapping
+    from sslab.errors import ConfigError
+
+    default = from_mapping({}).hash()
+    assert from_mapping({"base_aug": "identity"}).hash() == default
+    assert from_mapping({"base_aug": "none"}).base_aug is None
+    assert from_mapping({"base_aug": "crop(scale=0.08-1)"}).hash() != default
+    with pytest.raises(ConfigError, match="base_aug: unknown augmentation op"):
+        from_mapping({"base_aug": "blurr"})

@@ -154,3 +154,18 @@ def test_step_status_from_exit(tmp_path: Path) -> None:
         "peer": "timeout",
         "run": "failed",
     }
+
+
+def test_methods_benchmark_times_every_method_teachers_included(tmp_path: Path) -> None:
+    """benchmarks/methods.py on 8 images of 16 px: a line per method, the distillation methods included."""
+    methods = "simclr,dino,seed,distill,cmc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SSLAB_WEIGHTS_DIR": str(tmp_path)}
+    command = [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--methods", methods]
+    command += ["--batch-size", "8", "--image-size", "16", "--rounds", "1", "--steps", "1"]
+    command += ["--teacher-backbone", "smallcnn", "--precision", "bf16"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "precision=bf16" in lines[0]
+    rates = {line.split()[0]: float(line.split()[1].replace(",", "")) for line in lines[1:]}
+    assert set(rates) == set(methods.split(",")) and all(rate > 0 for rate in rates.values())

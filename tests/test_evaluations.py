@@ -214,14 +214,14 @@ def test_label_free_metrics_are_recorded_per_epoch_and_change_no_training(tmp_pa
     pretrain(plain, config, dataset.train_images, dataset.train_labels, torch.device("cpu"))
     seen = []
 
-    def measure(method):
-        seen.append(1)
+    def measure(method, record):
+        seen.append(record.epoch)
         return runner._label_free(config, dataset, runner.DataFormat.of(dataset), torch.device("cpu"))(method)
 
     pretrain(
         measured, config, dataset.train_images, dataset.train_labels, torch.device("cpu"), measure=measure
     )
-    assert len(seen) == 2
+    assert seen == [1, 2]
     assert all(torch.equal(v, measured.state_dict()[k]) for k, v in plain.state_dict().items())
 
 

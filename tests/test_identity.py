@@ -32,7 +32,11 @@ def test_a_new_field_at_its_default_changes_no_hash(monkeypatch: pytest.MonkeyPa
     configs = [(config, config.hash()) for config in map(from_mapping, SAMPLES)]
     base_defaults = config_module.shared_defaults
     monkeypatch.setattr(config_module, "SHARED_FIELDS", (*SHARED_FIELDS, "new_knob"))
-    monkeypatch.setattr(config_module, "shared_defaults", lambda info: {**base_defaults(info), "new_knob": 3})
+    monkeypatch.setattr(
+        config_module,
+        "shared_defaults",
+        lambda info, version=None: {**base_defaults(info, version), "new_knob": 3},
+    )
     for config, old_hash in configs:
         same = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrialConfig)}
         assert extended(**same).hash() == old_hash
@@ -125,6 +129,19 @@ def test_defaults_are_pinned() -> None:
     assert current_defaults() == json.loads((FIXTURES / "identity-defaults.json").read_text())
 
 
+def test_trials_recorded_before_a_default_changed_keep_their_hash() -> None:
+    """Records (and hashes) written by the release before DINO, SwAV and MoCo v3 moved to version 3, which
+    changed defaults: read back, and asked for again at version 2, each is the same trial."""
+    for entry in json.loads((FIXTURES / "records-before-fixes.json").read_text()):
+        record = entry["record"]
+        assert from_mapping(record).hash() == entry["hash"]
+        asked = {"method": record["method"], "method_version": 2}
+        asked |= {k: v for k, v in record.items() if k in ("backbone", "head", "epochs", "local_crops")}
+        asked |= {f"{record['method']}.{k}": v for k, v in record["settings"].items() if k == "teacher_temp"}
+        assert from_mapping(asked).hash() == entry["hash"], record["method"]
+        assert from_mapping({**asked, "method_version": 3}).hash() != entry["hash"]
+
+
 def current_defaults() -> dict:
     return json.loads(
         json.dumps(
@@ -136,6 +153,14 @@ def current_defaults() -> dict:
                         "version": info.version,
                         "settings": info.defaults(),
                         "shared_defaults": dict(info.shared_defaults),
+                        # the defaults that trials of each older version are read with
+                        "earlier": {
+                            version: {
+                                "settings": info.defaults(version),
+                                "shared_defaults": info.shared_defaults_at(version),
+                            }
+                            for version in range(1, info.version)
+                        },
                         "ignores": list(info.ignores),
                         "needs": {k: s.needs for k, s in info.settings.items() if s.needs},
                     }

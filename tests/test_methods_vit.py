@@ -102,7 +102,8 @@ def test_mocov3_defaults_are_its_vit_recipes() -> None:
 
 
 # The head and predictor of MoCo v3 on the small CNN, as built before the ViT recipes were added (the same
-# keys, shapes and, for a fixed seed, values). Its predictor keeps the output BN that MoCo_ResNet's lacks.
+# keys, shapes and, for a fixed seed, values), but for the predictor's output BN, which MoCo_ResNet's lacks
+# (version 3).
 MOCOV3_CNN_HEADS = [
     ("head.layers.0.0.weight", (256, 256)),
     ("head.layers.0.1.weight", (256,)),
@@ -121,10 +122,29 @@ MOCOV3_CNN_HEADS = [
     ("predictor.layers.0.1.running_var", (512,)),
     ("predictor.layers.0.1.num_batches_tracked", ()),
     ("predictor.layers.1.0.weight", (256, 512)),
-    ("predictor.layers.1.1.running_mean", (256,)),
-    ("predictor.layers.1.1.running_var", (256,)),
-    ("predictor.layers.1.1.num_batches_tracked", ()),
 ]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "pred_out_bn", "out_bn"),
+    [
+        ("smallcnn", "auto", False),
+        ("vit_micro", "auto", True),
+        ("smallcnn", "on", True),
+        ("vit_micro", "off", False),
+    ],
+)
+def test_mocov3_predictor_is_the_official_one_for_its_backbone(
+    backbone: str, pred_out_bn: str, out_bn: bool
+) -> None:
+    """MoCo_ResNet's predictor: _build_mlp(2, dim, mlp_dim, dim, last_bn=False); MoCo_ViT's keeps last_bn."""
+    method = make("mocov3", backbone=backbone, pred_width=96, pred_out_bn=pred_out_bn)
+    d = method.config.out_dim
+    assert method.predictor is not None
+    assert describe(method.predictor) == describe(official_mlp(2, d, 96, d, last_bn=out_bn))
+    assert method.config.method_version == 3
+    old = make("mocov3", backbone="smallcnn", pred_width=96, method_version=2)  # read back, never trained
+    assert old.settings.pred_out_bn == "on"
 
 
 def test_mocov3_cnn_heads_are_unchanged() -> None:
@@ -244,14 +264,12 @@ def test_mocov3_preset_records_the_per_epoch_knn_and_never_prunes(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     plan = load_plan("mocov3-vit-stability", TINY)
     cells = [cell.config for cell in plan.cells]
-    assert len(cells) == 4
-    assert {(c.settings.freeze_patch_embed, c.lr) for c in cells} == {
-        (f, lr) for f in (False, True) for lr in (1e-3, 1e-2)
-    }
+    assert len(cells) == 2
+    assert {(c.settings.freeze_patch_embed, c.lr) for c in cells} == {(False, 1e-2), (True, 1e-2)}
     assert all(c.backbone == "vit_micro" and c.head == 3 and c.optimizer == "adamw" for c in cells)
     url = f"sqlite:///{tmp_path / 'r.db'}"
     result = run_study(plan, url, RunOptions(), Console(file=io.StringIO()))
-    assert result.counts == {"done": 4}
+    assert result.counts == {"done": 2}
     store = Store(url)
     for cell in plan.cells:
         row = store.find(cell.hash)

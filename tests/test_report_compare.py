@@ -158,3 +158,26 @@ def test_compare_seeds_are_listed_like_a_study_s(store: Store) -> None:
     )
     assert chosen.exit_code == 0, chosen.output
     assert load_comparison(store, "compare-simclr-byol").seeds == [1, 2]
+
+
+def test_report_training_draws_each_cell_s_per_epoch_metrics(store: Store) -> None:
+    fill_known(store, [0, 1, 2], failed=("byol", 2))
+    runner.invoke(
+        app, ["compare", "simclr", "byol", "--seeds", "0,1,2", *SETS, "--no-run", "--db", store.url]
+    )
+    for epoch, value in ((1, 0.3), (2, 0.2)):  # a validation kNN recorded per epoch, as a pruned study has
+        store.log_metrics(1, {"knn_val_top1": value}, epoch=epoch)
+    result = runner.invoke(app, ["report", "training", "compare-simclr-byol", "--db", store.url])
+    assert result.exit_code == 0, result.output
+    curves = pd.read_csv(Path("results/compare-simclr-byol-training.csv"))
+    loss = curves[(curves["metric"] == "loss") & (curves["group"] == "byol")].sort_values("epoch")
+    assert list(loss["mean"]) == pytest.approx([2.05, 1.55]) and list(loss["count"]) == [2, 2]
+    knn_val = curves[curves["metric"] == "knn_val_top1"].sort_values("epoch")
+    assert list(knn_val["mean"]) == pytest.approx([0.3, 0.2]) and list(knn_val["count"]) == [1, 1]
+    assert Path("results/compare-simclr-byol-training.png").read_bytes()[:4] == b"\x89PNG"
+    empty = runner.invoke(app, ["report", "training", "nope", "--db", store.url])
+    assert (
+        empty.exit_code != 0
+        and "Traceback" not in empty.output
+        and len(empty.output.strip().splitlines()) == 1
+    )

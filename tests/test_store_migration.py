@@ -92,10 +92,18 @@ def test_a_rerun_with_sslab_run_finds_the_old_trial(old_store: str) -> None:
 @pytest.mark.skipif(os.cpu_count() != 2, reason="the fixture's numbers were computed with 2 CPU threads")
 def test_this_release_computes_the_numbers_the_old_one_recorded(tmp_path: Path, monkeypatch) -> None:
     """Moving the settings into the methods changed no arithmetic: fresh trials equal the stored ones, also
-    for the methods whose behaviour version changed since (only their mixed-precision numbers changed)."""
+    for the methods whose behaviour version changed since: their version 2 changed only mixed-precision
+    numbers, and the defaults their version 3 changed (DINO's clipping and weight-decay schedule, SwAV's
+    prototype freezing) are set back to the old values here."""
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    plan = load_plan(str(FIXTURE / "study.toml"))
+    old_defaults = {
+        "dino.clip_grad": "0",
+        "weight_decay_end": "none",
+        "swav.freeze_prototypes": "1",
+        "swav.freeze_fraction": "0",
+    }
+    plan = load_plan(str(FIXTURE / "study.toml"), old_defaults)
     run_study(plan, url, RunOptions())
     fresh = Store(url).results_frame().set_index("method")
     old = {(method, metric): value for (_, metric), (_, method, value) in expected().items()}

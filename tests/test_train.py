@@ -8,10 +8,10 @@ import torch
 from sslab.config import from_mapping
 from sslab.evaluate import knn_top1, linear_probe
 from sslab.models import build_backbone, build_head
-from sslab.optim import build_optimizer, lr_at
+from sslab.optim import build_optimizer, clip_each_gradient, lr_at, weight_decay_at
 from sslab.runner import balanced_subset, run_trial
 from sslab.store import Store
-from sslab.train import TrialFailed
+from sslab.train import TrialFailed, pretrain
 
 
 @pytest.fixture
@@ -91,6 +91,37 @@ def test_resume_continues_from_the_last_checkpoint(method: str, store, tmp_path,
     assert not (tmp_path / "run" / f"{config.hash()}.pt").exists()
 
 
+def test_a_resumed_trial_keeps_what_the_epoch_hook_measured_before(store, tmp_path, monkeypatch) -> None:
+    """The hook (a study's per-epoch validation kNN) runs on the epochs trained in this run only: a resumed
+    trial's replayed epochs keep the values measured with their own weights."""
+    config = from_mapping({"dataset": "synthetic", "epochs": 3, "batch_size": 64, "train_subset": 512})
+    measured: list[int] = []
+
+    def hook(method, record, extra) -> None:  # type: ignore[no-untyped-def]
+        measured.append(record.epoch)
+        extra["knn_val_top1"] = record.epoch / 10 + (0.5 if len(measured) > 2 else 0.0)  # differs per run
+
+    import sslab.train as train
+
+    original = train.EpochRecord
+
+    def interrupt_in_third_epoch(*args, **kwargs):  # type: ignore[no-untyped-def]
+        record = original(*args, **kwargs)
+        if record.epoch == 3:
+            raise KeyboardInterrupt
+        return record
+
+    monkeypatch.setattr(train, "EpochRecord", interrupt_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(config, store, checkpoint_dir=tmp_path, epoch_hook=hook)
+    monkeypatch.setattr(train, "EpochRecord", original)
+    resumed = run_trial(config, store, resume=True, checkpoint_dir=tmp_path, epoch_hook=hook)
+    assert measured == [1, 2, 3]  # epochs 1 and 2 replayed without the hook
+    metrics = store.metrics(resumed.trial_id)
+    values = {m.epoch: m.value for m in metrics if m.name == "knn_val_top1" and m.epoch is not None}
+    assert values == {1: pytest.approx(0.1), 2: pytest.approx(0.2), 3: pytest.approx(0.8)}
+
+
 def test_linear_probe_and_knn_on_separable_features() -> None:
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 8, generator=generator) * 4
@@ -121,6 +152,51 @@ def test_lr_schedule_warmup_and_cosine() -> None:
     assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
     assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(10, 100, 0, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))
+
+
+def test_weight_decay_schedule_is_dinos_cosine() -> None:
+    """DINO's cosine_scheduler(0.04, 0.4, ...): the base value at the first step, the final at the last."""
+    assert weight_decay_at(0, 11, 0.04, 0.4) == pytest.approx(0.04)
+    assert weight_decay_at(5, 11, 0.04, 0.4) == pytest.approx(0.22)
+    assert weight_decay_at(10, 11, 0.04, 0.4) == pytest.approx(0.4)
+    assert weight_decay_at(3, 11, 0.04, None) == 0.04
+
+
+def test_pretrain_follows_the_weight_decay_schedule(monkeypatch) -> None:
+    config = from_mapping(
+        {"batch_size": 16, "epochs": 2, "weight_decay": 0.04, "weight_decay_end": 0.4, "precision": "fp32"}
+    )
+    from sslab.methods.base import build_method
+
+    torch.manual_seed(0)
+    method = build_method(config, build_backbone("smallcnn", 1, 16), num_classes=10)
+    seen: list[tuple[float, ...]] = []
+    optimizers = []
+    import sslab.train as train_module
+
+    def capture(*args, **kwargs):
+        optimizers.append(build_optimizer(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(train_module, "build_optimizer", capture)
+    monkeypatch.setattr(
+        method,
+        "before_optimizer_step",
+        lambda step: seen.append(tuple(g["weight_decay"] for g in optimizers[0].param_groups)),
+    )
+    images = torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8)
+    pretrain(method, config, images, torch.arange(32) % 10, torch.device("cpu"))
+    expected = [weight_decay_at(step, 4, 0.04, 0.4) for step in range(4)]
+    assert [wd for wd, _ in seen] == pytest.approx(expected)  # weights follow the schedule
+    assert all(no_decay == 0.0 for _, no_decay in seen)  # biases and norms stay without decay
+
+
+def test_clip_each_gradient_clips_every_parameter_on_its_own() -> None:
+    big, small = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    big.grad, small.grad = torch.tensor([3.6, 4.8]), torch.tensor([1.0])  # norms 6 and 1
+    clip_each_gradient([big, small], 3.0)
+    assert big.grad.tolist() == pytest.approx([1.8, 2.4], rel=1e-5)  # 3 / 6 of itself, not 3 / sqrt(37)
+    assert small.grad.tolist() == [1.0]
 
 
 def test_optimizer_leaves_biases_and_norms_without_weight_decay() -> None:

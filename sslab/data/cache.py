@@ -59,7 +59,7 @@ def load_cache(path: Path) -> ImageDataset | None:
     if not path.is_file():
         return None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # paged in on use
         return ImageDataset(
             name=str(blob["name"]),
             **{key: _tensor(blob[key]) for key in _KEYS},

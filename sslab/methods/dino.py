@@ -26,6 +26,7 @@ from sslab.losses import dino_center, dino_loss, full_precision
 from sslab.methods.base import Method, StepContext, StepOutput, concat_forward, register
 from sslab.metrics import TEACHER_ENTROPY
 from sslab.models import Backbone, Head, build_head
+from sslab.optim import clip_each_gradient
 from sslab.settings import MethodSettings, Setting
 
 BOTTLENECK = 256  # DINO head's l2-normalised bottleneck before the last layer
@@ -55,7 +56,10 @@ class DINOSettings(MethodSettings):
     paper = "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers"
     multicrop = True
     multiprocess = True  # tests/test_distributed_methods.py
-    version = 2  # 2: the last layer in float32 under autocast
+    # 2: the last layer in float32 under autocast; 3: the paper's global crops (scale 0.4-1), weight decay
+    # on a cosine from 0.04 to 0.4, and every gradient clipped to a norm of 3
+    version = 3
+    earlier_shared_defaults = {3: {"aug": "crop(scale=0.2-1),flip,color(s=0.5)", "weight_decay_end": None}}
     shared_defaults = {
         "head": 3,  # 3-layer MLP (hidden 2048) to the bottleneck, as in the paper
         "head_width": 2048,
@@ -71,6 +75,9 @@ class DINOSettings(MethodSettings):
         "optimizer": "adamw",
         "lr": 1e-3,
         "weight_decay": 0.04,
+        "weight_decay_end": 0.4,  # DINO's cosine weight-decay schedule
+        # global crops of 0.4-1 of the image against local crops of 0.05-0.4 (its global_crops_scale)
+        "aug": "crop(scale=0.4-1),flip,color(s=0.5)",
         "local_crops": 2,  # 2 global + 10 local crops in the paper; 2 local crops add ~40% to a step
     }
 
@@ -98,6 +105,13 @@ class DINOSettings(MethodSettings):
         maximum=1,
     )
     ema_cosine = Setting(True, "raise the teacher momentum to 1 on a cosine schedule", "DINO")
+    clip_grad = Setting(
+        3.0,
+        "clip each parameter's gradient to this l2 norm (0: off)",
+        "DINO (its utils.clip_gradients, per parameter)",
+        minimum=0,
+        earlier=((3, 0.0),),
+    )
     # DINO freezes the last layer for 1 epoch of 100+; for runs of a few epochs that is ~0.
     freeze_prototypes = Setting(
         0.0, "epochs during which the last layer is frozen", "DINO (1 of 100+ epochs)", minimum=0
@@ -165,6 +179,8 @@ class DINO(Method):
         return end if epochs_done >= warmup else start + (end - start) * epochs_done / warmup
 
     def before_optimizer_step(self, step: StepContext) -> None:
+        if self.settings.clip_grad > 0:  # clipped, then the frozen last layer cancelled, as DINO's loop does
+            clip_each_gradient(self.parameters(), self.settings.clip_grad)
         if step.epochs_done < self.settings.freeze_prototypes:
             self.prototypes.grad = None
 

@@ -5,8 +5,8 @@ scaled by 2T, and the momentum m raised from its base to 1 on a cosine schedule.
 
 Heads as in its `moco/builder.py`: MLPs of Linear -> BN -> ReLU hidden layers, the projector ending in a
 BN without affine parameters (`head_bn`). MoCo_ViT's projector has 3 layers (`head = 3`, which ViT trials
-set, as studies/mocov3-vit-stability.toml does) and its predictor 2, ending in BN (`pred_bn`); MoCo_ResNet's
-projector has 2 (`head`'s default) and its predictor ends without BN, where this one keeps `pred_bn`'s BN.
+set, as studies/mocov3-vit-stability.toml does) and its predictor 2, ending in BN; MoCo_ResNet's projector
+has 2 (`head`'s default) and its predictor ends without BN (`pred_out_bn = auto` follows the backbone).
 On a ViT, `freeze_patch_embed` keeps the random patch projection fixed (its --stop-grad-conv1).
 """
 
@@ -32,7 +32,8 @@ class MoCoV3Settings(MethodSettings):
     # byol.py). Its ViT recipe: head = 3, AdamW lr 1.5e-4 per 256 images, weight decay 0.1.
     shared_defaults = {"out_dim": 256}
     multiprocess = True  # tests/test_distributed_methods.py
-    version = 2  # 2: InfoNCE logits in float32 under autocast
+    # 2: InfoNCE logits in float32 under autocast; 3: on a CNN the predictor ends without BN (MoCo_ResNet)
+    version = 3
 
     temperature = Setting(
         0.2, "InfoNCE temperature T", "its ViT value (1.0 goes with batch 4096 for ResNets)", above=0
@@ -43,11 +44,14 @@ class MoCoV3Settings(MethodSettings):
     pred_width = Setting(
         512, "hidden width of the predictor", "scaled from 4096", minimum=1, needs="predictor"
     )
-    pred_bn = Setting(
-        True,
-        "batch-norm in the predictor, its output included",
-        "MoCo v3's ViT predictor (its ResNet predictor has no output BN)",
+    pred_bn = Setting(True, "batch-norm in the predictor's hidden layer", "MoCo v3", needs="predictor")
+    pred_out_bn = Setting(
+        "auto",
+        "batch-norm on the predictor's output (auto: on a ViT, not on a CNN; needs pred_bn)",
+        "MoCo v3: its MoCo_ViT predictor ends in BN, its MoCo_ResNet one does not",
+        choices=("auto", "on", "off"),
         needs="predictor",
+        earlier=((3, "on"),),
     )
     pred_lr_fixed = Setting(
         False,
@@ -76,8 +80,12 @@ class MoCoV3(Method):
             freeze()
         d, bn = config.out_dim, config.head_bn
         self.head = build_head(backbone.feature_dim, config.head, config.head_width, d, bn, last_bn=bn)
-        self.predictor = (
-            build_head(d, 2, s.pred_width, d, s.pred_bn, last_bn=s.pred_bn) if s.predictor else None
+        vit = config.backbone.startswith("vit_")
+        out_bn = s.pred_bn and (s.pred_out_bn == "on" or (s.pred_out_bn == "auto" and vit))
+        self.predictor = (  # MoCo_ResNet's predictor ends in a Linear without bias
+            build_head(d, 2, s.pred_width, d, s.pred_bn, last_bn=out_bn, last_bias=out_bn)
+            if s.predictor
+            else None
         )
         self.momentum_backbone = frozen_copy(backbone)  # f_k
         self.momentum_head = frozen_copy(self.head)

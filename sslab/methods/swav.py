@@ -3,11 +3,12 @@
 Every crop x_t (two global, then local ones) gives z_t = normalize(g(f(x_t))) and prototype scores
 z_t . C (K per crop). The codes q_s of the global crops come from Sinkhorn-Knopp on those scores (equal
 partition of the batch over the K prototypes); the loss asks each other crop's scores to predict them.
-The prototypes C are l2-normalised after every step and not updated during the first `freeze_prototypes`
-epochs. With `queue_size` > 0, each global crop keeps a queue of its past features z; once full it is
-appended to the batch when computing the codes (for small batches, Caron et al. Sec. 4.1). The paper
-starts filling the queue after some epochs (15 of 800, 50 of 1000 for CIFAR in solo-learn); here it is
-filled from the first step and used once full, since short runs leave no epochs to wait.
+The prototypes C are l2-normalised after every step and not updated during the first `freeze_fraction` of
+the steps (or `freeze_prototypes` epochs). With `queue_size` > 0, each global crop keeps a queue of its past
+features z; once full it is appended to the batch when computing the codes (for small batches, Caron et al.
+Sec. 4.1). The paper starts filling the queue after some epochs (15 of 800, 50 of 1000 for CIFAR in
+solo-learn); here it is filled from the first step and used once full, since short runs leave no epochs to
+wait.
 Across processes the codes are those of the global batch: every process keeps the whole queue (of the
 global batch's features) and gives Sinkhorn-Knopp its own 1/W of the queue's rows with its share of the
 batch, while the sums run over all processes (SwAV's distributed_sinkhorn).
@@ -31,7 +32,8 @@ class SwAVSettings(MethodSettings):
     paper = "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"
     multicrop = True
     multiprocess = True  # tests/test_distributed_methods.py
-    version = 2  # 2: prototype scores in float32 under autocast
+    # 2: prototype scores in float32 under autocast; 3: prototypes frozen for 1% of training, not 1 epoch
+    version = 3
     shared_defaults = {
         # 2x224 + 6x96 in the paper; two 3/7-size local crops add ~40% to a step of two global views.
         "local_crops": 2,
@@ -46,7 +48,23 @@ class SwAVSettings(MethodSettings):
         0.05, "entropy regularisation epsilon of the Sinkhorn-Knopp codes", "SwAV", above=0
     )
     sinkhorn_iters = Setting(3, "Sinkhorn-Knopp iterations", "SwAV", minimum=1)
-    freeze_prototypes = Setting(1.0, "epochs during which the prototypes are not updated", "SwAV", minimum=0)
+    # SwAV freezes them for its first epoch of 100-800 (313 iterations at batch 4096 in its code): at most
+    # 1% of training. An epoch of a 4-epoch run would be 25%, so the default is the fraction.
+    freeze_fraction = Setting(
+        0.01,
+        "fraction of the training steps during which the prototypes are not updated",
+        "SwAV (its first epoch of 100+)",
+        minimum=0,
+        maximum=1,
+        earlier=((3, 0.0),),
+    )
+    freeze_prototypes = Setting(
+        0.0,
+        "epochs during which the prototypes are not updated (as well as freeze_fraction)",
+        "SwAV's unit; 1 epoch of 100+ there",
+        minimum=0,
+        earlier=((3, 1.0),),
+    )
     queue_size = Setting(
         0,
         "queue of past features per global crop, joined to the batch for the codes",
@@ -105,7 +123,8 @@ class SwAV(Method):
         return sinkhorn(scores, self.settings.sinkhorn_eps, self.settings.sinkhorn_iters, **across)[-n:]
 
     def before_optimizer_step(self, step: StepContext) -> None:
-        if step.epochs_done < self.settings.freeze_prototypes:
+        s = self.settings
+        if step.epochs_done < s.freeze_prototypes or step.progress < s.freeze_fraction:
             self.prototypes.grad = None  # frozen prototypes: no update, momentum or weight decay
 
     @torch.no_grad()

@@ -15,7 +15,8 @@ class Head(nn.Module):
 
     depth 0 is the identity, depth 1 a linear map, depth >= 2 has depth-1 hidden layers of
     Linear -> [BatchNorm] -> activation (ReLU, or GELU as in DINO's head) followed by a final Linear (with
-    BatchNorm when `last_bn`).
+    BatchNorm when `last_bn`). A Linear followed by BatchNorm has no bias; the final one has none either
+    when `last_bias` is off (MoCo v3's MLPs have none).
     """
 
     def __init__(
@@ -27,6 +28,7 @@ class Head(nn.Module):
         batch_norm: bool = True,
         last_bn: bool = False,
         activation: str = "relu",
+        last_bias: bool = True,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -36,10 +38,11 @@ class Head(nn.Module):
         for index in range(depth):
             last = index == depth - 1
             width = out_dim if last else hidden_dim
+            normalised = batch_norm and (not last or last_bn)
             block: list[nn.Module] = [
-                nn.Linear(previous, width, bias=not (batch_norm and (not last or last_bn)))
+                nn.Linear(previous, width, bias=not normalised and (last_bias or not last))
             ]
-            if batch_norm and (not last or last_bn):
+            if normalised:
                 block.append(nn.BatchNorm1d(width, affine=not last))
             if not last:
                 block.append(ACTIVATIONS[activation]())
@@ -69,5 +72,6 @@ def build_head(
     batch_norm: bool = True,
     last_bn: bool = False,
     activation: str = "relu",
+    last_bias: bool = True,
 ) -> Head:
-    return Head(in_dim, depth, hidden_dim or in_dim, out_dim, batch_norm, last_bn, activation)
+    return Head(in_dim, depth, hidden_dim or in_dim, out_dim, batch_norm, last_bn, activation, last_bias)

@@ -16,7 +16,6 @@ from sqlalchemy.engine import make_url
 import sslab
 from sslab.errors import ConfigError, SslabError
 from sslab.metrics import BASELINE_PREFIX, lookup
-from sslab.report.compare import plot_learning_curves
 from sslab.report.curves import plot_bars, plot_curve, series_data
 from sslab.report.data import (
     axis_names,
@@ -30,6 +29,7 @@ from sslab.report.data import (
 from sslab.report.figures import png_data_uri
 from sslab.report.heatmap import heatmap_grid, plot_heatmap
 from sslab.report.tables import DASH, PivotTable, pivot_table, plain_cell
+from sslab.report.training_curves import plot_learning_curves
 from sslab.store import Store
 
 MAX_CURVE_GROUPS = 12  # learning curves of more configurations than this are unreadable in one panel

@@ -5,8 +5,8 @@ A trial's config is `from_mapping({**base, **axis fields, **overrides})`, so the
 every field left unset. Augmentation protocols (SimCLR Fig. 5) turn the `first`/`second` op axes into views:
 
 - `asymmetric`: aug1 = the studied ops (first, then second; a single op when they are equal) and
-  aug2 = `identity`. The paper's base crop-and-resize only brings images of different sizes to one size;
-  sslab's datasets already share one size, so the other branch is the identity.
+  aug2 = `identity`. The paper first crops and resizes every image, one box shared by both branches; a
+  study sets that with `base_aug` (e.g. `base_aug = "crop"`), which both views start from.
 - `symmetric`: both views use the studied ops (aug = first,second).
 """
 
