@@ -291,7 +291,10 @@ def pretrain(
             if index + 1 < per_epoch:  # a streamed source gathers the next batch while this step runs
                 source.prefetch(order[start + config.batch_size : start + config.batch_size + local_batch])
             batch_index = cpu_index.to(device)
-            x = source.batch(cpu_index).float().div_(255.0)  # (B, C, H, W)
+            # one copy of the indices to the device: a resident source gathers with them there
+            x = (
+                source.batch(cpu_index if source.streamed else batch_index).float().div_(255.0)
+            )  # (B, C, H, W)
             batch_views = [(view - mean) / std for view in views(x, augment_rng)]
             if channels_last:
                 batch_views = [v.contiguous(memory_format=torch.channels_last) for v in batch_views]
