@@ -70,7 +70,8 @@ def peer_ops(step: Step, image_size: int) -> list[v2.Transform]:
     """The per-image torchvision ops for one step of an sslab view, with the step's parameters."""
     name, p = step.op.name, step.params
     if name == "crop":
-        return [v2.RandomResizedCrop(image_size, scale=p["scale"], ratio=p["ratio"], antialias=True)]
+        size = int(number(p["size"])) or image_size
+        return [v2.RandomResizedCrop(size, scale=p["scale"], ratio=p["ratio"], antialias=True)]
     if name == "flip":
         return [v2.RandomHorizontalFlip(p["p"])]
     if name == "jitter":

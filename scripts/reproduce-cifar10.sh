@@ -2,9 +2,10 @@
 # The SimCLR ablations on CIFAR-10 at 2-core CPU scale (docs/reproductions.md): runs each study (finished
 # trials are skipped, so a rerun only redraws), then writes its figures, tables and CSVs to results/.
 #   SSLAB_DATA=../shared/data bash scripts/reproduce-cifar10.sh [STUDY ...]
-# STUDY: aug-pairs temperature color-strength methods head batch-size, then the follow-ups aug-pairs-color1
-# (the grid at colour strength 1) color-strength-budget batch-size-budget head-budget aug-pairs-seeds
-# (longer training, more seeds); default: all, in that order.
+# STUDY: aug-pairs temperature color-strength methods head batch-size, then the follow-ups aug-pairs-nobase
+# (the grid without the shared base crop) aug-pairs-color1 (that grid at colour strength 1)
+# color-strength-budget batch-size-budget head-budget aug-pairs-seeds (longer training, more seeds);
+# default: all, in that order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,7 +22,8 @@ study() {  # NAME PRESET [extra study-run options]: run PRESET at CIFAR-10 CPU s
   "$sslab" results --study "$name" --format csv > "results/$name-trials.csv"
 }
 
-all="aug-pairs temperature color-strength methods head batch-size aug-pairs-color1 color-strength-budget"
+all="aug-pairs temperature color-strength methods head batch-size aug-pairs-nobase aug-pairs-color1"
+all+=" color-strength-budget"
 all+=" batch-size-budget head-budget aug-pairs-seeds"
 
 run_one() {
@@ -51,6 +53,9 @@ run_one() {
       study batch-size-cifar10 batch-size "${cpu_scale[@]}"
       $sslab report bars batch-size-cifar10 --x batch_size --hue epochs \
         --out results/batch-size-cifar10.png ;;
+    aug-pairs-nobase)
+      study aug-pairs-nobase-cifar10 aug-pairs-nobase-cifar10
+      $sslab report heatmap aug-pairs-nobase-cifar10 --out results/aug-pairs-nobase-cifar10.png ;;
     aug-pairs-color1)
       study aug-pairs-color1-cifar10 aug-pairs-color1-cifar10
       $sslab report heatmap aug-pairs-color1-cifar10 --out results/aug-pairs-color1-cifar10.png ;;

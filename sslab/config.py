@@ -11,7 +11,9 @@ A trial's identity (`identity()`, `hash()`) is canonical: fields at their defaul
 does not read are left out, and view specs are written in one spelling. So a release that adds a field (at a
 default that keeps today's behaviour) recognises every trial an older one recorded. `IDENTITY_VERSION`
 changes only when the meaning of an existing field changes; a fix that changes what one method computes bumps
-that method's `version` instead, so its older trials stay listed, marked as computed by the older behaviour.
+that method's `version` instead, so its older trials stay listed, marked as computed by the older behaviour;
+a fix of the pipeline every method shares (augmentation ops, random streams) bumps `PIPELINE_VERSION`
+(`sslab.pipeline`) the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from sslab.augment.spec import canonical_view, format_value, parse_steps
 from sslab.errors import ConfigError
 from sslab.fingerprint import folder_fingerprint
 from sslab.methods.catalog import method_info, methods
+from sslab.pipeline import PIPELINE_VERSION, VERSIONS
 from sslab.settings import MethodInfo, SettingValues, coerce
 
 IDENTITY_VERSION = 2  # 1: every field hashed as spelled (schema-0 stores); 2: the canonical identity
@@ -111,6 +114,8 @@ class TrialConfig:
     # --- the method's own settings (declared in its file; see `sslab methods NAME`) ----------------------
     settings: SettingValues = SettingValues()  # every setting of the method, filled in by from_mapping
     method_version: int = 1  # the version of the method's behaviour that the trial was (or is to be) run with
+    pipeline_version: int = PIPELINE_VERSION  # the shared pipeline's version (sslab.pipeline); stored trials
+    # without one ran version 1
 
     # --- runtime: where and how to run, not what; excluded from the trial hash -------------------------
     data_dir: str | None = None  # where to look for the dataset first
@@ -131,7 +136,8 @@ class TrialConfig:
         """The config as `from_mapping` takes it back: shared fields, then `method.setting` keys."""
         shared = {name: getattr(self, name) for name in SHARED_FIELDS + RUNTIME_FIELDS}
         own = {f"{self.method}.{name}": value for name, value in self.settings.items()}
-        return {**shared, **own, "method_version": self.method_version}
+        versions = {"method_version": self.method_version, "pipeline_version": self.pipeline_version}
+        return {**shared, **own, **versions}
 
     def record(self) -> dict[str, Any]:
         """Everything that defines the trial, as stored with it (runtime fields left out)."""
@@ -139,6 +145,7 @@ class TrialConfig:
             "v": IDENTITY_VERSION,
             **{name: getattr(self, name) for name in SHARED_FIELDS},
             "method_version": self.method_version,
+            "pipeline_version": self.pipeline_version,
             "settings": dict(self.settings),
         }
 
@@ -158,6 +165,8 @@ class TrialConfig:
         identity: dict[str, Any] = {"v": IDENTITY_VERSION, "method": self.method}
         if self.method_version != 1:
             identity["method_version"] = self.method_version
+        if self.pipeline_version != 1:
+            identity["pipeline_version"] = self.pipeline_version
         for name in SHARED_FIELDS:
             if name not in skipped and getattr(self, name) != defaults[name]:
                 identity[name] = getattr(self, name)
@@ -227,7 +236,11 @@ EVALUATION_FIELDS = (
 RUNTIME_FIELDS = ("data_dir", "device")
 SET_BY_SSLAB = ("data_fingerprint",)  # recorded with the trial, never given on the command line
 IMAGEFOLDER = "imagefolder:"
-_INTERNAL_FIELDS = ("settings", "method_version")
+VERSION_FIELDS = (
+    "method_version",
+    "pipeline_version",
+)  # which behaviour a trial ran; settable to look one up
+_INTERNAL_FIELDS = ("settings", *VERSION_FIELDS)
 FIELD_NAMES = tuple(f.name for f in fields(TrialConfig) if f.name not in _INTERNAL_FIELDS)
 SHARED_FIELDS = tuple(name for name in FIELD_NAMES if name not in RUNTIME_FIELDS)
 BACKBONES = ("smallcnn", "resnet18", "resnet50", "vit_micro", "vit_tiny", "vit_small")  # models.backbones
@@ -344,8 +357,9 @@ def setting_owners(name: str) -> list[str]:
 
 
 def is_known_key(key: str) -> bool:
-    """Whether `key` names a shared field, a setting of some method (bare or as `method.setting`)."""
-    if key in FIELD_NAMES:
+    """Whether `key` names a shared field, a version field or a setting of some method (bare or as
+    `method.setting`)."""
+    if key in FIELD_NAMES or key in VERSION_FIELDS:
         return True
     method, dot, setting = key.partition(".")
     if dot:
@@ -380,8 +394,9 @@ def from_mapping(
     """Build and validate a TrialConfig from a mapping; every problem is reported at once, on one line.
 
     Keys are shared fields, settings of the trial's method as `method.setting` (or a `[method]` table, or the
-    bare setting name), and, in stored records, `settings` and `method_version`. Missing shared fields take
-    the method's defaults, then TrialConfig's; missing settings their declared defaults. A setting of another
+    bare setting name), `method_version` and `pipeline_version`, and, in stored records, `settings`. Missing
+    shared fields take the method's defaults, then TrialConfig's; missing settings their declared defaults; a
+    stored record (it has `v`) without `pipeline_version` ran version 1. A setting of another
     method is an error unless `other_methods="ignore"` (a study or comparison whose cells differ in method).
     """
     flat = flatten_keys(values)
@@ -394,6 +409,7 @@ def from_mapping(
     shared: dict[str, Any] = {}
     own: dict[str, Any] = {}
     method_version = info.version
+    pipeline_version = 1 if "v" in flat else PIPELINE_VERSION
     for key, value in flat.items():
         name = key
         if key in FIELD_NAMES:
@@ -405,6 +421,12 @@ def from_mapping(
         if key == "method_version":
             try:
                 method_version = coerce(int, False, key, value)
+            except ConfigError as exc:
+                problems.append(str(exc))
+            continue
+        if key == "pipeline_version":
+            try:
+                pipeline_version = coerce(int, False, key, value)
             except ConfigError as exc:
                 problems.append(str(exc))
             continue
@@ -448,6 +470,7 @@ def from_mapping(
         **{**shared_defaults(info, method_version), **shared},
         settings=SettingValues({**info.defaults(method_version), **own}),
         method_version=method_version,
+        pipeline_version=pipeline_version,
     )
     problems = list(_problems(config, info))
     if problems:
@@ -491,6 +514,9 @@ def _problems(config: TrialConfig, info: MethodInfo) -> Iterator[str]:
         yield f"method {config.method} does not use local crops; set local_crops=0"
     if not 1 <= config.method_version <= info.version:
         yield f"method_version must be in 1..{info.version} for {config.method} (got {config.method_version})"
+    if config.pipeline_version not in VERSIONS:
+        known = ", ".join(map(str, VERSIONS))
+        yield f"pipeline_version must be one of {known} (got {config.pipeline_version})"
     for spec in config.view_specs:
         try:
             parse_steps(spec)
@@ -527,7 +553,7 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        if not is_known_key(key) and key != "method_version":
+        if not is_known_key(key):
             raise ConfigError(f"--set: {_unknown_key(key)}")
         result[key] = value.strip()
     return result

@@ -10,7 +10,6 @@ choice looks at the test set: the test images are scored once, at the end.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 
 import torch
@@ -23,11 +22,7 @@ from sslab.errors import SslabError
 from sslab.evaluate import stratified_split
 from sslab.methods.base import Method
 from sslab.metrics import FINETUNE_TOP1, FINETUNE_VAL_TOP1, labelled_name
-
-
-def derived_seed(seed: int, purpose: str) -> int:
-    """A seed for one purpose of one trial: replicate seeds and purposes never share a random stream."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:7], "little")
+from sslab.pipeline import derived_seed
 
 
 def labelled_subset(labels: Tensor, percent: float, seed: int, pool: Tensor | None = None) -> Tensor:
@@ -103,7 +98,7 @@ def finetune(
     pool = val = None
     if config.val_fraction > 0:
         pool, val = stratified_split(train_labels.cpu(), config.val_fraction)
-    augment = parse_view(config.finetune_aug)
+    augment = parse_view(config.finetune_aug, config.pipeline_version)
     for percent in label_percents(config.finetune_labels):
         chosen = labelled_subset(train_labels.cpu(), percent, config.seed, pool).to(device)
         torch.manual_seed(derived_seed(config.seed, f"finetune-init-{percent:g}"))

@@ -24,7 +24,7 @@ from sslab.data import ImageDataset, load_dataset
 from sslab.data.resize import match_channels
 from sslab.errors import ConfigError, SslabError
 from sslab.evaluate import extract_features, knn_grid, knn_top1, knn_val_top1, linear_probe, stratified_split
-from sslab.finetune import derived_seed, finetune
+from sslab.finetune import finetune
 from sslab.methods.base import Method, build_method
 from sslab.metrics import (
     BASELINE_PREFIX,
@@ -47,6 +47,7 @@ from sslab.metrics import (
     swept_name,
 )
 from sslab.models import backbone_for
+from sslab.pipeline import derived_seed
 from sslab.store import Provenance, Store
 from sslab.tracking import open_trackers
 from sslab.train import (

@@ -719,12 +719,15 @@ class Store:
 
 def flat_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """A stored config record as one level of columns: shared fields, then the method's settings by name, and
-    `older_behaviour` when the trial ran an older version of its method than this release has."""
+    `older_behaviour` when the trial ran an older version of its method, or of the shared pipeline, than this
+    release has."""
     from sslab.methods.catalog import methods
+    from sslab.pipeline import PIPELINE_VERSION
 
     flat = {k: v for k, v in record.items() if k not in ("settings", "v")}
     flat.update(record.get("settings", {}))
     info = methods().get(str(record.get("method")))
     version = int(record.get("method_version", 1))
-    flat["older_behaviour"] = info is not None and version < info.version
+    flat["pipeline_version"] = pipeline = int(record.get("pipeline_version", 1))
+    flat["older_behaviour"] = (info is not None and version < info.version) or pipeline < PIPELINE_VERSION
     return flat

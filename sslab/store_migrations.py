@@ -113,7 +113,7 @@ def _canonical_identities(connection: Connection, result: Migration) -> None:
     for trial_id, old_hash, config_json, status in rows:
         try:
             # Schema-0 trials were computed by the first behaviour of every method.
-            record = {"method_version": 1, **json.loads(config_json)}
+            record = {"method_version": 1, "pipeline_version": 1, **json.loads(config_json)}
             config = from_mapping(record, f"trial {trial_id}", other_methods="ignore")
         except (ConfigError, ValueError) as exc:
             result.unreadable.append((trial_id, str(exc).splitlines()[0]))

@@ -23,6 +23,7 @@ from sslab.errors import SslabError
 from sslab.methods.base import Gather, Method, StepContext
 from sslab.metrics import COLLAPSE_RATIO, EPOCH_SECONDS, IMAGES_PER_S, LOSS, LR, OUTPUT_STD
 from sslab.optim import build_optimizer, lr_at, scaled_lr, weight_decay_at
+from sslab.pipeline import derived_seed
 from sslab.runtime import tune_allocator
 
 READBACK_STEPS = 25  # on an accelerator: steps between reads of the loss (progress, non-finite check)
@@ -147,23 +148,37 @@ class ViewPlan:
         if self.local_view is not None:
             for _ in range(self.local_crops):
                 crop = self.local_view(x, generator)
-                views.append(F.interpolate(crop, size=self.local_size, mode="bilinear", antialias=True))
+                if crop.shape[-1] != self.local_size:  # pipeline 1 cut local crops at the full size
+                    crop = F.interpolate(crop, size=self.local_size, mode="bilinear", antialias=True)
+                views.append(crop)
         return views
 
 
 def plan_views(config: TrialConfig, image_size: int) -> ViewPlan:
     """Global views from --aug/--aug1/--aug2, after --base-aug's shared step; local crops reuse the first
     view's ops with a smaller crop."""
-    global_views = tuple(parse_view(spec) for spec in config.view_specs)
-    base = parse_view(config.base_aug) if config.base_aug else None
+    pipeline = config.pipeline_version
+    global_views = tuple(parse_view(spec, pipeline) for spec in config.view_specs)
+    base = parse_view(config.base_aug, pipeline) if config.base_aug else None
     if config.local_crops == 0:
         return ViewPlan(global_views, None, 0, image_size, base)
     low, high = (float(v) for v in config.local_scale.split("-"))
-    crop = parse_view(f"crop(scale={low}-{high})").steps[0]
-    steps = [step for step in global_views[0].steps if step.op.name != "crop"]
-    local = View([Step(crop.op, {**crop.params, "scale": (low, high)}), *steps])
     size = config.local_size or max(8, round(image_size * 3 / 7))
+    crop = parse_view("crop").steps[0]
+    # Pipeline 2 crops straight to the local size, as torchvision's RandomResizedCrop does.
+    crop_params = {**crop.params, "scale": (low, high), "size": float(size) if pipeline >= 2 else 0.0}
+    steps = [step for step in global_views[0].steps if step.op.name != "crop"]
+    local = View([Step(crop.op, crop_params), *steps], pipeline)
     return ViewPlan(global_views, local, config.local_crops, size, base)
+
+
+def stream_seed(config: TrialConfig, purpose: str, rank: int = 0) -> int:
+    """The seed of one of a trial's random streams: derived from (seed, purpose, rank), so no two purposes,
+    processes or replicate seeds share one (pipeline 1 seeded the data order with the seed and augmentation
+    with seed + 1 + rank)."""
+    if config.pipeline_version < 2:
+        return {"order": config.seed, "augment": config.seed + 1 + rank}[purpose]
+    return derived_seed(config.seed, f"{purpose}-{rank}")
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -204,11 +219,13 @@ def pretrain(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     measure: Callable[[Method, EpochRecord], dict[str, float]] | None = None,
     stream: bool | None = None,
+    views: Callable[[Tensor, torch.Generator], list[Tensor]] | None = None,
 ) -> TrainResult:
     """Pretrain `method` on uint8 `images` (N, C, H, W); returns the per-epoch history.
 
     The images are held on `device` when they fit there, else streamed from host memory (`sslab.batches`;
-    `stream` True or False decides instead).
+    `stream` True or False decides instead). `views` makes each batch's views from its [0, 1] images instead
+    of the config's augmentation (`benchmarks/augment_fidelity.py` trains on other pipelines' views).
     `on_epoch` runs after each epoch's checkpoint is written (the store records metrics there). `measure`
     runs before it, given the epoch's record so far (label-free metrics, a study's validation kNN): what it
     returns is kept in the record and the checkpoint, so a resumed trial replays it.
@@ -222,7 +239,7 @@ def pretrain(
     reporter = (reporter if main else None) or SilentReporter()
     on_epoch = on_epoch if main else None
     tune_allocator()
-    views = plan_views(config, images.shape[-1])
+    views = views or plan_views(config, images.shape[-1])
     mean, std = (t.to(device) for t in channel_stats(images))
     source = image_source(images, device, stream)
     labels = labels.to(device)
@@ -243,8 +260,8 @@ def pretrain(
     total_steps = per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * per_epoch)
     base_lr = scaled_lr(config)
-    sampler = torch.Generator().manual_seed(config.seed)
-    augment_rng = torch.Generator(device=device).manual_seed(config.seed + 1 + rank)
+    sampler = torch.Generator().manual_seed(stream_seed(config, "order"))
+    augment_rng = torch.Generator(device=device).manual_seed(stream_seed(config, "augment", rank))
     result = TrainResult()
     start_epoch = 0
 

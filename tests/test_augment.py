@@ -157,28 +157,28 @@ def test_crop_full_box_is_identity() -> None:
 def test_crop_boxes_follow_scale_and_ratio() -> None:
     x = images(n=512, h=24, w=32)
     left, top, box_w, box_h = _crop_boxes(512, 24, 32, (0.2, 0.6), (0.5, 2.0), gen(), x)
+    for value in (left, top, box_w, box_h):
+        assert torch.equal(value, value.round())  # whole pixels, as torchvision's RandomResizedCrop
     assert (left >= 0).all() and (top >= 0).all()
-    assert (left + box_w <= 32 + 1e-4).all() and (top + box_h <= 24 + 1e-4).all()
-    area = box_w * box_h / (24 * 32)
-    assert ((area > 0.2 - 1e-4) & (area < 0.6 + 1e-4)).all()
-    aspect = box_w / box_h
-    assert ((aspect > 0.5 - 1e-4) & (aspect < 2.0 + 1e-4)).all()
+    assert (left + box_w <= 32).all() and (top + box_h <= 24).all()
+    # sides are rounded from the drawn area and aspect: within half a pixel each
+    low = (box_w - 0.5) * (box_h - 0.5) / (24 * 32)
+    high = (box_w + 0.5) * (box_h + 0.5) / (24 * 32)
+    assert ((high > 0.2) & (low < 0.6)).all()
+    assert (((box_w + 0.5) / (box_h - 0.5) > 0.5) & ((box_w - 0.5) / (box_h + 0.5) < 2.0)).all()
+    assert left.unique().numel() > 10 and (left + box_w == 32).any()  # corners reach the far edge
 
 
-def _bilinear_matrix(start: float, length: float, size: int) -> torch.Tensor:
-    """(size, size) matrix resampling a 1-D signal at `size` pixel centres of [start, start + length)."""
-    src = ((torch.arange(size) + 0.5) * length / size + start - 0.5).clamp(0, size - 1)  # (size,)
-    return (1 - (torch.arange(size)[None, :] - src[:, None]).abs()).clamp(min=0)  # hat weights
-
-
-def test_crop_is_bilinear_resampling_of_the_box() -> None:
+@pytest.mark.parametrize(("size", "out"), [(0.0, (12, 20)), (7.0, (7, 7)), (30.0, (30, 30))])
+def test_crop_is_torchvisions_antialiased_resized_crop_of_the_box(size: float, out: tuple[int, int]) -> None:
     x = images(n=16, h=12, w=20)
-    out = run("crop", x)
+    cropped = run("crop", x, size=size)
+    assert cropped.shape == (16, 3, *out)
     boxes = _crop_boxes(16, 12, 20, (0.08, 1.0), (0.75, 1.333), gen(), x)  # same draws as the op
     for i, (left, top, box_w, box_h) in enumerate(zip(*boxes, strict=True)):
-        rows = _bilinear_matrix(float(top), float(box_h), 12)
-        cols = _bilinear_matrix(float(left), float(box_w), 20)
-        assert torch.allclose(out[i], rows @ x[i] @ cols.T, atol=1e-5)
+        box = [int(top), int(left), int(box_h), int(box_w)]
+        expected = TF.resized_crop(x[i], *box, list(out), antialias=True)
+        assert torch.allclose(cropped[i], expected, atol=1e-5)
 
 
 def test_cutout_zeroes_a_square_of_the_expected_area() -> None:
@@ -257,6 +257,35 @@ def test_jitter_follows_the_order() -> None:
         factors[:, 1],
     )
     assert torch.allclose(_jitter_(x.clone(), factors, order), expected, atol=1e-6)
+
+
+def test_jitter_draws_each_images_order_as_torchvision_does() -> None:
+    x = images(n=64)
+    out = run("jitter", x, p=0.7)
+    g = gen()  # the op's draws, in its order: coin, factors, order
+    hit = torch.rand(64, generator=g) < 0.7
+    lo, hi = torch.tensor([0.6, 0.6, 0.6, -0.1]), torch.tensor([1.4, 1.4, 1.4, 0.1])
+    factors = torch.rand(64, 4, generator=g) * (hi - lo) + lo
+    orders = torch.rand(64, 4, generator=g).argsort(1)
+    assert len({tuple(o) for o in orders[hit].tolist()}) > 10  # not one order for the batch
+    adjustments = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for i in range(64):
+        expected = x[i : i + 1]
+        for k in orders[i].tolist() if hit[i] else []:
+            expected = adjustments[k](expected, factors[i : i + 1, k])
+        assert torch.allclose(out[i : i + 1], expected, atol=1e-5), i
+
+
+def test_the_older_pipeline_keeps_its_ops() -> None:
+    """Pipeline 1 (one jitter order per batch, fractional crop boxes) computes what the releases before
+    pipeline 2 did, so their trials reproduce: the values below come from the last such release."""
+    x = images(n=16, h=16, w=16)
+    spec = "crop(scale=0.2-1),flip,color(s=0.5),blur"
+    out = parse_view(spec, pipeline=1)(x, gen(3))
+    assert out.sum().item() == pytest.approx(5911.16845703125, abs=1e-2)
+    assert out[5, 1, 7, 3].item() == pytest.approx(0.560166597366333, abs=1e-6)
+    assert out[11, 0, 2, 9].item() == pytest.approx(0.2835621237754822, abs=1e-6)
+    assert not torch.allclose(parse_view(spec)(x, gen(3)), out)
 
 
 def test_jitter_brightness_factor_is_per_sample_and_in_range() -> None:
@@ -366,9 +395,9 @@ def test_view_rejects_bad_input() -> None:
 
 def test_canonical_spec() -> None:
     view = parse_view("crop,flip")
-    assert str(view) == "crop(scale=0.08-1,ratio=0.75-1.333),flip(p=0.5)"
+    assert str(view) == "crop(scale=0.08-1,ratio=0.75-1.333,size=0),flip(p=0.5)"
     spaced = parse_view(" crop ( scale = 0.2 - 1 ,ratio=1) ,\n FLIP( ) , sobel() ")
-    assert str(spaced) == "crop(scale=0.2-1,ratio=1-1),flip(p=0.5),sobel"
+    assert str(spaced) == "crop(scale=0.2-1,ratio=1-1,size=0),flip(p=0.5),sobel"
     assert parse_view("blur(sigma=1.5)").steps[0].params["sigma"] == (1.5, 1.5)
     assert parse_view("noise(std=1e-3)").steps[0].params["std"] == 0.001
 
@@ -398,7 +427,7 @@ def test_bool_values() -> None:
     ("spec", "expected"),
     [
         ("crop,blurr", "unknown augmentation op 'blurr'; valid ops: crop, "),
-        ("crop(size=0.5)", "crop: unknown parameter 'size'; valid parameters: scale, ratio"),
+        ("crop(side=0.5)", "crop: unknown parameter 'side'; valid parameters: scale, ratio, size"),
         ("sobel(p=1)", "sobel: unknown parameter 'p'; it takes no parameters"),
         (
             "crop(scale=1-0.5)",
@@ -432,7 +461,7 @@ def test_describe_ops() -> None:
     lines = describe_ops().splitlines()
     assert len(lines) == len(OPS)
     assert all(line.startswith(name) for line, name in zip(lines, OPS, strict=True))
-    assert "crop(scale=0.08-1, ratio=0.75-1.333)" in lines[0]
+    assert "crop(scale=0.08-1, ratio=0.75-1.333, size=0)" in lines[0]
 
 
 def test_base_aug_is_drawn_once_and_shared_by_both_views() -> None:

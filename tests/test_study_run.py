@@ -201,7 +201,7 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch) -> No
     )
     url = f"sqlite:///{tmp_path / 'r.db'}"
     command = [
-        SSLAB, "study", "run", "aug-pairs", "--set", "epochs=3", "--set", "train_subset=128",
+        SSLAB, "study", "run", "aug-pairs", "--set", "epochs=12", "--set", "train_subset=128",
         "--set", "batch_size=32", "--set", "dataset=synthetic", "--set", "image_size=16",
         "--db", url, "--heartbeat-timeout", "3",
     ]  # fmt: skip

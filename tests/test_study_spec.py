@@ -159,7 +159,7 @@ CIFAR_CPU_SCALE = {"dataset": "cifar10", "train_subset": "20000", "precision": "
         ("batch-size-budget-cifar10", "batch-size", CIFAR_CPU_SCALE, {"epochs": (2, 4, 8)}),
         (
             "aug-pairs-seeds-cifar10",
-            "aug-pairs-cifar10 aug-pairs-color1-cifar10",
+            "aug-pairs-nobase-cifar10 aug-pairs-color1-cifar10",
             {},
             {"epochs": 4, "seed": 0},
         ),
@@ -297,3 +297,20 @@ def test_a_search_on_the_validation_metric_is_accepted(tmp_path) -> None:
     )
     plan = load_plan(str(path))
     assert plan.spec.metric == "linear_val_top1" and plan.spec.pruner is not None
+
+
+def test_the_grid_without_base_crop_is_the_one_recorded_before() -> None:
+    """aug-pairs-nobase-cifar10 at the behaviour an earlier release ran names the 49 trials it recorded for
+    aug-pairs-cifar10 (their hashes are in results/); today's grid, with the base crop, is other trials."""
+    import csv
+
+    recorded = Path(__file__).resolve().parents[1] / "results" / "aug-pairs-nobase-cifar10-trials.csv"
+    with recorded.open() as handle:
+        hashes = {row["hash"] for row in csv.DictReader(handle)}
+    assert len(hashes) == 49
+    earlier = {"method_version": "1", "pipeline_version": "1"}
+    assert {cell.hash for cell in load_plan("aug-pairs-nobase-cifar10", earlier).cells} == hashes
+    assert not {cell.hash for cell in load_plan("aug-pairs-nobase-cifar10").cells} & hashes
+    with_base = load_plan("aug-pairs-cifar10").cells
+    assert all(cell.config.base_aug == "crop(scale=0.2-1)" for cell in with_base)
+    assert not {cell.hash for cell in with_base} & hashes

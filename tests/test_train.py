@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from sslab import weights
 from sslab.config import from_mapping
 from sslab.evaluate import knn_top1, linear_probe
 from sslab.models import build_backbone, build_head
@@ -56,13 +57,19 @@ def test_non_finite_loss_fails_the_trial_and_keeps_its_record(store, tmp_path) -
     assert "baseline_linear_top1" in store.final_metrics(row.id)
 
 
-# moco draws its batch shuffle and relpos its patches from torch's global generator, kept in the checkpoint.
-@pytest.mark.parametrize("method", ["simclr", "moco", "relpos"])
+# moco draws its batch shuffle, relpos its patches and instdisc its random bank from torch's global generator,
+# kept in the checkpoint.
+@pytest.mark.parametrize("method", ["simclr", "moco", "relpos", "instdisc"])
 def test_resume_continues_from_the_last_checkpoint(method: str, store, tmp_path, monkeypatch) -> None:
     config = from_mapping(
         {"method": method, "dataset": "synthetic", "epochs": 3, "batch_size": 64, "train_subset": 512}
     )
-    reference = run_trial(config, Store(f"sqlite:///{tmp_path / 'ref.db'}"), checkpoint_dir=tmp_path / "ref")
+    reference = run_trial(
+        config,
+        Store(f"sqlite:///{tmp_path / 'ref.db'}"),
+        checkpoint_dir=tmp_path / "ref",
+        weights_dir=tmp_path / "ref-weights",
+    )
 
     import sslab.train as train
 
@@ -76,14 +83,22 @@ def test_resume_continues_from_the_last_checkpoint(method: str, store, tmp_path,
 
     monkeypatch.setattr(train, "EpochRecord", interrupt_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run_trial(config, store, checkpoint_dir=tmp_path / "run")
+        run_trial(config, store, checkpoint_dir=tmp_path / "run", weights_dir=tmp_path / "weights")
     assert store.find(config.hash()).status == "interrupted"
     monkeypatch.setattr(train, "EpochRecord", original)
 
     # The interrupted epoch 2 was not checkpointed: resume redoes it from the epoch-1 checkpoint and
     # must land exactly where an uninterrupted run does.
-    resumed = run_trial(config, store, resume=True, checkpoint_dir=tmp_path / "run")
+    resumed = run_trial(
+        config, store, resume=True, checkpoint_dir=tmp_path / "run", weights_dir=tmp_path / "weights"
+    )
     assert resumed.status == "done"
+    ended, straight = (
+        weights.load(config.pretraining_hash(), tmp_path / d) for d in ("weights", "ref-weights")
+    )
+    assert ended is not None and straight is not None
+    for name, tensor in straight.state.items():  # the same weights and method state (queues, banks, ...)
+        assert torch.equal(ended.state[name], tensor), name
     assert resumed.metrics["final_loss"] == reference.metrics["final_loss"]
     assert resumed.metrics["linear_top1"] == reference.metrics["linear_top1"]
     losses = sorted((m.epoch, m.value) for m in store.metrics(resumed.trial_id) if m.name == "loss")
@@ -236,3 +251,16 @@ def test_balanced_subset_keeps_class_shares() -> None:
     images = torch.arange(100).view(100, 1, 1, 1)
     _, chosen = balanced_subset(images, labels, 30)
     assert torch.bincount(chosen).tolist() == [10, 10, 10]
+
+
+def test_random_streams_are_derived_from_seed_purpose_and_rank() -> None:
+    """Replicate seed s + 1's data order is not seed s's augmentation stream (as it was in pipeline 1)."""
+    from sslab.train import stream_seed
+
+    old = [from_mapping({"seed": s, "pipeline_version": 1}) for s in (0, 1)]
+    assert stream_seed(old[0], "augment") == stream_seed(old[1], "order")
+    new = [from_mapping({"seed": s}) for s in (0, 1)]
+    seeds = {
+        stream_seed(c, purpose, rank) for c in new for purpose in ("order", "augment") for rank in (0, 1)
+    }
+    assert len(seeds) == 8

@@ -122,27 +122,43 @@ def _gray_like(x: Tensor) -> Tensor:
 def _crop_boxes(
     n: int, height: int, width: int, scale: Range, ratio: Range, generator: torch.Generator, like: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-sample boxes (left, top, box width, box height), each (N,), in pixels, as torchvision samples them.
+    """Per-sample boxes (left, top, box width, box height), each (N,), in whole pixels, as torchvision's
+    RandomResizedCrop samples them.
 
-    Ten candidate boxes per sample (area fraction uniform in `scale`, aspect ratio log-uniform in `ratio`);
-    the first that fits inside the image wins, otherwise the whole image. Box sides are not rounded.
+    Ten candidate boxes per sample (area fraction uniform in `scale`, aspect ratio log-uniform in `ratio`,
+    sides rounded to pixels); the first that fits inside the image wins, otherwise the whole image.
     """
     tries = 10
     area = _rand((n, tries), generator, like).mul_((scale[1] - scale[0]) * height * width)
     area.add_(scale[0] * height * width)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = _rand((n, tries), generator, like).mul_(log_hi - log_lo).add_(log_lo).exp_()
-    box_w = (area * aspect).sqrt_()  # (N, tries)
-    box_h = (area / aspect).sqrt_()
-    fits = (box_w <= width) & (box_h <= height)
+    box_w = (area * aspect).sqrt_().round_()  # (N, tries)
+    box_h = (area / aspect).sqrt_().round_()
+    fits = (box_w >= 1) & (box_w <= width) & (box_h >= 1) & (box_h <= height)
     first = fits.to(torch.uint8).argmax(1, keepdim=True)  # first fitting try, 0 if none fits
     found = fits.any(1)
     box_w = torch.where(found, box_w.gather(1, first).squeeze(1), float(width))  # (N,)
     box_h = torch.where(found, box_h.gather(1, first).squeeze(1), float(height))
     corner = _rand((n, 2), generator, like)
-    left = corner[:, 0] * (width - box_w)
-    top = corner[:, 1] * (height - box_h)
+    left = corner[:, 0].mul(width - box_w + 1).floor_().clamp_max_(width - box_w)
+    top = corner[:, 1].mul(height - box_h + 1).floor_().clamp_max_(height - box_h)
     return left, top, box_w, box_h
+
+
+def resample_weights(start: Tensor, length: Tensor, size: int, out_size: int) -> Tensor:
+    """(N, out_size, size) weights that resize the pixels [start, start + length) of a row of `size` pixels
+    to `out_size` pixels, per sample: antialiased bilinear (a triangle filter widened by the downscaling
+    factor, PIL's and torch's `antialias=True`); when enlarging, plain bilinear with edge pixels repeated."""
+    scale = length / out_size  # (N,) source pixels per output pixel
+    support = scale.clamp_min(1.0)[:, None, None]  # (N, 1, 1)
+    outputs = torch.arange(out_size, device=start.device, dtype=start.dtype) + 0.5
+    centres = start[:, None] + outputs * scale[:, None]  # (N, out) output pixel centres in source pixels
+    taps = torch.arange(size, device=start.device, dtype=start.dtype) + 0.5  # (size,) source pixel centres
+    weights = (taps - centres[:, :, None]).div_(support).abs_().neg_().add_(1).clamp_min_(0)  # (N, out, size)
+    inside = (taps > start[:, None]) & (taps < (start + length)[:, None])  # (N, size): the box's pixels
+    weights.mul_(inside[:, None, :])
+    return weights.div_(weights.sum(-1, keepdim=True))
 
 
 @register("crop")
@@ -151,19 +167,18 @@ def crop(
     generator: torch.Generator,
     scale: Range = (0.08, 1.0),
     ratio: Range = (0.75, 1.333),
+    size: float = 0.0,
     inplace: bool = False,
 ) -> Tensor:
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     left, top, box_w, box_h = _crop_boxes(n, h, w, scale, ratio, generator, x)
-    # Sampling grid in grid_sample's [-1, 1] coordinates (align_corners=False: pixel i spans [i, i + 1)).
-    # The box is axis-aligned, so the grid is the outer product of per-sample column and row positions.
-    cols = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w  # (W,) output pixel centres in [0, 1]
-    rows = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h  # (H,)
-    grid_x = (cols * box_w[:, None] + left[:, None]).mul_(2 / w).sub_(1)  # (N, W)
-    grid_y = (rows * box_h[:, None] + top[:, None]).mul_(2 / h).sub_(1)  # (N, H)
-    grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), -1)  # (N, H, W, 2)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.clamp_(0, 1)  # clamp rounding overshoot
+    out_h, out_w = (int(size), int(size)) if size else (h, w)
+    rows = resample_weights(top, box_h, h, out_h)  # (N, out_h, H)
+    cols = resample_weights(left, box_w, w, out_w).transpose(1, 2).contiguous()  # (N, W, out_w)
+    # Along W as one batched product over the rows of all channels, then along H with einsum: several times
+    # faster on CPU than matmul's broadcasting of the weights over channels.
+    along_w = torch.bmm(x.reshape(n, c * h, w), cols).view(n, c, h, out_w)
+    return torch.einsum("nyh,nchw->ncyw", rows, along_w).clamp_(0, 1)  # (N, C, out_h, out_w)
 
 
 @register("flip")
@@ -218,6 +233,31 @@ def _jitter_(x: Tensor, factors: Tensor, order: Sequence[int]) -> Tensor:
     return x
 
 
+def _jitter_per_image_(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
+    """Apply each image's adjustments in its own order, in place: `order` (N, 4) holds indices into
+    _ADJUSTMENTS, or 4 for none, per position; factors are (N, 4).
+
+    Position by position, the images are sorted by the adjustment they get there, so each adjustment runs
+    once per position on a contiguous run of images.
+    """
+    skip = len(_ADJUSTMENTS)
+    for position in range(order.shape[1]):
+        group = order[:, position]
+        counts = torch.bincount(group, minlength=skip + 1).tolist()
+        if counts[skip] == x.shape[0]:
+            continue
+        perm = group.argsort(stable=True)
+        runs, run_factors = x.index_select(0, perm), factors.index_select(0, perm)
+        start = 0
+        for k, count in enumerate(counts[:skip]):
+            if count:
+                run = runs[start : start + count]
+                _ADJUSTMENTS[k](run, run_factors[start : start + count, k], out=run)
+            start += count
+        x.index_copy_(0, perm, runs)
+    return x
+
+
 @register("jitter")
 def jitter(
     x: Tensor,
@@ -231,17 +271,16 @@ def jitter(
 ) -> Tensor:
     n = x.shape[0]
     hit = _coin(p, n, generator, x)
-    strengths = (brightness, contrast, saturation)
-    lo = x.new_tensor([max(0.0, 1 - s) for s in strengths] + [-hue])  # (4,)
-    hi = x.new_tensor([1 + s for s in strengths] + [hue])
+    strengths = (brightness, contrast, saturation, hue)
+    lo = x.new_tensor([max(0.0, 1 - s) for s in strengths[:3]] + [-hue])  # (4,)
+    hi = x.new_tensor([1 + s for s in strengths[:3]] + [hue])
     factors = _rand((n, 4), generator, x).mul_(hi - lo).add_(lo)  # (N, 4)
-    # One random order per batch, not per sample as torchvision's per-image transform has it: a
-    # per-sample order needs every adjustment once per position, on a quarter of the batch each,
-    # which costs well over twice as much on CPU. Zero-strength adjustments are skipped.
-    order = [k for k in _rand((4,), generator, x).argsort().tolist() if (*strengths, hue)[k] > 0]
-    if not order:
+    order = _rand((n, 4), generator, x).argsort(1)  # (N, 4): each image's own order, as torchvision draws it
+    skipped = ~hit[:, None] | (x.new_tensor(strengths) == 0)[order]  # images missed, adjustments at zero
+    order = order.masked_fill_(skipped, len(_ADJUSTMENTS))
+    if all(s == 0 for s in strengths):
         return x
-    return _apply_where(x, hit, partial(_jitter_, order=order), factors, inplace=inplace, writable=True)
+    return _jitter_per_image_(x if inplace else x.clone(), factors, order)
 
 
 @register("grayscale")

@@ -50,9 +50,10 @@ SIGNATURES: dict[str, OpSignature] = {
     for op in (
         _declare(
             "crop",
-            "random resized crop back to the input size (bilinear)",
+            "random resized crop on whole pixels, antialiased bilinear resize (torchvision's)",
             scale=Param((0.08, 1.0), "area fraction of the box", 0.0, 1.0, open_low=True),
             ratio=Param((0.75, 1.333), "box aspect ratio (width / height), log-uniform", 0.0, open_low=True),
+            size=Param(0.0, "output side in pixels; 0 keeps the input size"),
         ),
         _declare(
             "flip",
@@ -71,7 +72,7 @@ SIGNATURES: dict[str, OpSignature] = {
         ),
         _declare(
             "jitter",
-            "colour jitter (brightness, contrast, saturation, hue in a random order), with probability p",
+            "colour jitter: brightness, contrast, saturation, hue in an order drawn per image; probability p",
             brightness=Param(0.4, "brightness factor drawn from [1 - b, 1 + b]"),
             contrast=Param(0.4, "contrast factor drawn from [1 - c, 1 + c]"),
             saturation=Param(0.4, "saturation factor drawn from [1 - s, 1 + s]"),

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sslab.config import FIELD_NAMES, TrialConfig, from_mapping, setting_owners
+from sslab.config import FIELD_NAMES, VERSION_FIELDS, TrialConfig, from_mapping, setting_owners
 from sslab.errors import ConfigError
 from sslab.metrics import lookup
 from sslab.study.spec import OP_AXES, VIEW_FIELDS, Axis, Problems, StudySpec
@@ -121,7 +121,7 @@ def unused_settings(spec: StudySpec, overrides: Mapping[str, Any], cells: Sequen
     problems = []
     for key in [*spec.base, *overrides]:
         key = key.replace("-", "_")
-        if key in FIELD_NAMES:
+        if key in FIELD_NAMES or key in VERSION_FIELDS:
             continue
         owner, dot, name = key.partition(".")
         owners = [owner] if dot else setting_owners(key)
