@@ -236,10 +236,8 @@ EVALUATION_FIELDS = (
 RUNTIME_FIELDS = ("data_dir", "device")
 SET_BY_SSLAB = ("data_fingerprint",)  # recorded with the trial, never given on the command line
 IMAGEFOLDER = "imagefolder:"
-VERSION_FIELDS = (
-    "method_version",
-    "pipeline_version",
-)  # which behaviour a trial ran; settable to look one up
+# Which behaviour a trial ran (its method's, the shared pipeline's): recorded, and settable to look one up.
+VERSION_FIELDS = ("method_version", "pipeline_version")
 _INTERNAL_FIELDS = ("settings", *VERSION_FIELDS)
 FIELD_NAMES = tuple(f.name for f in fields(TrialConfig) if f.name not in _INTERNAL_FIELDS)
 SHARED_FIELDS = tuple(name for name in FIELD_NAMES if name not in RUNTIME_FIELDS)
