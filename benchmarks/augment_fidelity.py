@@ -39,6 +39,7 @@ from peer_pipeline import peer_ops  # noqa: E402  (a sibling script, not a packa
 
 from sslab.augment.view import View, parse_view  # noqa: E402
 from sslab.config import TrialConfig, from_mapping, parse_assignments  # noqa: E402
+from sslab.errors import SslabError  # noqa: E402
 from sslab.runner import build_model, evaluate, prepare_dataset  # noqa: E402
 from sslab.train import SilentReporter, pretrain, resolve_device  # noqa: E402
 
@@ -184,4 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SslabError as exc:  # bad input: one line that says what to fix
+        raise SystemExit(f"error: {exc}") from None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sslab.config import from_mapping, parse_assignments
+from sslab.errors import SslabError
 from sslab.methods.base import Method
 from sslab.runner import build_model, evaluate, prepare_dataset
 from sslab.train import channel_stats, resolve_device
@@ -86,4 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SslabError as exc:  # bad input: one line that says what to fix
+        raise SystemExit(f"error: {exc}") from None

@@ -406,8 +406,7 @@ def from_mapping(
         raise ConfigError(f"{source}: {exc}") from None
     shared: dict[str, Any] = {}
     own: dict[str, Any] = {}
-    method_version = info.version
-    pipeline_version = 1 if "v" in flat else PIPELINE_VERSION
+    versions = {"method_version": info.version, "pipeline_version": 1 if "v" in flat else PIPELINE_VERSION}
     for key, value in flat.items():
         name = key
         if key in FIELD_NAMES:
@@ -416,15 +415,9 @@ def from_mapping(
             except ConfigError as exc:
                 problems.append(str(exc))
             continue
-        if key == "method_version":
+        if key in VERSION_FIELDS:
             try:
-                method_version = coerce(int, False, key, value)
-            except ConfigError as exc:
-                problems.append(str(exc))
-            continue
-        if key == "pipeline_version":
-            try:
-                pipeline_version = coerce(int, False, key, value)
+                versions[key] = coerce(int, False, key, value)
             except ConfigError as exc:
                 problems.append(str(exc))
             continue
@@ -464,11 +457,12 @@ def from_mapping(
     dataset = shared.get("dataset", "")
     if dataset.startswith(IMAGEFOLDER) and "data_fingerprint" not in shared:  # a stored record keeps its own
         shared["data_fingerprint"] = folder_fingerprint(dataset[len(IMAGEFOLDER) :])
+    method_version = versions["method_version"]
     config = TrialConfig(
         **{**shared_defaults(info, method_version), **shared},
         settings=SettingValues({**info.defaults(method_version), **own}),
         method_version=method_version,
-        pipeline_version=pipeline_version,
+        pipeline_version=versions["pipeline_version"],
     )
     problems = list(_problems(config, info))
     if problems:

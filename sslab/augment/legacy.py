@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import OPS, OpFn, OpInfo, Range, _apply_where, _coin, _jitter_, _rand, grayscale
+from .ops import OPS, OpFn, OpInfo, Range, _apply_where, _jitter_, _jitter_draws, _rand, grayscale
 
 
 def _crop_boxes(
@@ -68,13 +68,9 @@ def jitter(
     p: float = 0.8,
     inplace: bool = False,
 ) -> Tensor:
-    n = x.shape[0]
-    hit = _coin(p, n, generator, x)
-    strengths = (brightness, contrast, saturation)
-    lo = x.new_tensor([max(0.0, 1 - s) for s in strengths] + [-hue])  # (4,)
-    hi = x.new_tensor([1 + s for s in strengths] + [hue])
-    factors = _rand((n, 4), generator, x).mul_(hi - lo).add_(lo)  # (N, 4)
-    order = [k for k in _rand((4,), generator, x).argsort().tolist() if (*strengths, hue)[k] > 0]  # per batch
+    strengths = (brightness, contrast, saturation, hue)
+    hit, factors = _jitter_draws(strengths, p, x.shape[0], generator, x)
+    order = [k for k in _rand((4,), generator, x).argsort().tolist() if strengths[k] > 0]  # per batch
     if not order:
         return x
     return _apply_where(x, hit, partial(_jitter_, order=order), factors, inplace=inplace, writable=True)

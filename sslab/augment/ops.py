@@ -258,6 +258,17 @@ def _jitter_per_image_(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
     return x
 
 
+def _jitter_draws(
+    strengths: Sequence[float], p: float, n: int, generator: torch.Generator, like: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Which images a jitter changes (N,), and their brightness, contrast, saturation, hue factors (N, 4)."""
+    hit = _coin(p, n, generator, like)
+    brightness, contrast, saturation, hue = strengths
+    lo = like.new_tensor([max(0.0, 1 - s) for s in (brightness, contrast, saturation)] + [-hue])  # (4,)
+    hi = like.new_tensor([1 + s for s in (brightness, contrast, saturation)] + [hue])
+    return hit, _rand((n, 4), generator, like).mul_(hi - lo).add_(lo)
+
+
 @register("jitter")
 def jitter(
     x: Tensor,
@@ -270,11 +281,8 @@ def jitter(
     inplace: bool = False,
 ) -> Tensor:
     n = x.shape[0]
-    hit = _coin(p, n, generator, x)
     strengths = (brightness, contrast, saturation, hue)
-    lo = x.new_tensor([max(0.0, 1 - s) for s in strengths[:3]] + [-hue])  # (4,)
-    hi = x.new_tensor([1 + s for s in strengths[:3]] + [hue])
-    factors = _rand((n, 4), generator, x).mul_(hi - lo).add_(lo)  # (N, 4)
+    hit, factors = _jitter_draws(strengths, p, n, generator, x)
     order = _rand((n, 4), generator, x).argsort(1)  # (N, 4): each image's own order, as torchvision draws it
     skipped = ~hit[:, None] | (x.new_tensor(strengths) == 0)[order]  # images missed, adjustments at zero
     order = order.masked_fill_(skipped, len(_ADJUSTMENTS))
