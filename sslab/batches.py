@@ -17,6 +17,48 @@ from torch import Tensor
 RESIDENT_SHARE = 0.5  # the most of the device's free memory the images may take; the rest is the model's
 
 
+class ImageParts:
+    """Several uint8 image tensors (N_i, C, H, W) indexed as one, in order, without copying them together:
+    STL-10's train images, then its 100,000 unlabelled ones, memory-mapped."""
+
+    def __init__(self, *parts: Tensor) -> None:
+        self.parts = parts
+        self.starts = [0]
+        for part in parts:
+            self.starts.append(self.starts[-1] + part.shape[0])
+        self.shape = torch.Size((self.starts[-1], *parts[0].shape[1:]))
+        self.dtype = parts[0].dtype
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+    def index_select(self, dim: int, index: Tensor) -> Tensor:
+        """The images at `index` (CPU indices into the whole), gathered from each part."""
+        if dim != 0:
+            raise ValueError("ImageParts are indexed along the images only")
+        out = torch.empty((index.numel(), *self.shape[1:]), dtype=self.dtype)
+        for part, start, end in zip(self.parts, self.starts, self.starts[1:], strict=False):
+            where = ((index >= start) & (index < end)).nonzero().squeeze(1)
+            if where.numel():
+                out[where] = part.index_select(0, index[where] - start)
+        return out
+
+    def __getitem__(self, index: Tensor | slice) -> Tensor:
+        if isinstance(index, slice):
+            index = torch.arange(self.shape[0])[index]
+        return self.index_select(0, index.cpu())
+
+    def to(self, device: torch.device) -> Tensor:
+        """One tensor on `device`, filled part by part."""
+        whole = torch.empty(self.shape, dtype=self.dtype, device=device)
+        for part, start in zip(self.parts, self.starts, strict=False):
+            whole[start : start + part.shape[0]].copy_(part)
+        return whole
+
+
 def fits_on_device(nbytes: int, device: torch.device) -> bool:
     """Whether images of `nbytes` should be held on `device`. A CPU (or MPS, sharing host memory) holds them
     where they already are: a memory-mapped cache is paged in and out by the operating system."""
@@ -31,8 +73,9 @@ class ResidentImages:
 
     streamed = False
 
-    def __init__(self, images: Tensor, device: torch.device) -> None:
-        self.images = images.to(device)
+    def __init__(self, images: Tensor | ImageParts, device: torch.device) -> None:
+        # On a CPU the images stay where they are: parts are not copied together.
+        self.images = images if device.type == "cpu" else images.to(device)
         self.device = device
 
     def prefetch(self, index: Tensor) -> None:
@@ -50,7 +93,7 @@ class StreamedImages:
 
     streamed = True
 
-    def __init__(self, images: Tensor, device: torch.device) -> None:
+    def __init__(self, images: Tensor | ImageParts, device: torch.device) -> None:
         self.images = images
         self.device = device
         self.pin = device.type == "cuda"
@@ -78,7 +121,7 @@ class StreamedImages:
 
 
 def image_source(
-    images: Tensor, device: torch.device, stream: bool | None = None
+    images: Tensor | ImageParts, device: torch.device, stream: bool | None = None
 ) -> ResidentImages | StreamedImages:
     """Images held on `device` when they fit there (or `stream=False`), else streamed (`stream=True`)."""
     if stream is None:

@@ -113,19 +113,19 @@ def run(
     **options: Any,
 ) -> None:
     """Pretrain one configuration and evaluate it with a linear probe and kNN on frozen features."""
-    from sslab.store import Store
-    from sslab.teachers import with_teacher
     from sslab.tracking import check_trackers
 
     check_trackers(log or [])
     config = from_sources(config_file, sets, options)
+    if not force and "teacher" not in config.settings and _answer_from_store(config, db, quiet):
+        return
+    from sslab.store import Store
+    from sslab.teachers import with_teacher
+
     store = Store(db)
     config = with_teacher(config, store)  # a distillation method's teacher named by its pretraining hash
     if not quiet:
-        err_console.print(
-            f"trial {config.hash()}: {config.method} / {config.backbone} on {config.dataset}, "
-            f"{config.epochs} epochs, batch {config.batch_size}"
-        )
+        _announce(config)
     done = store.find(config.hash())
     if done is not None and done.status == "done" and not force:  # answered from the store, without torch
         err_console.print(f"already done as trial {done.id} in {store.url} (use --force to train it again)")
@@ -160,6 +160,28 @@ def run(
         outcome.collapsed,
         outcome.wall_time_s,
         store.url,
+    )
+
+
+def _answer_from_store(config: TrialConfig, db: str | None, quiet: bool) -> bool:
+    """Print the trial's result if a SQLite store holds it done, read without SQLAlchemy or torch."""
+    from sslab.store_lookup import done_trial, resolve_url
+
+    url = resolve_url(db)
+    done = done_trial(url, config.hash())
+    if done is None:
+        return False
+    if not quiet:
+        _announce(config)
+    err_console.print(f"already done as trial {done.id} in {url} (use --force to train it again)")
+    _print_trial(done.id, done.config_hash, done.metrics, done.collapsed, done.wall_time_s, url)
+    return True
+
+
+def _announce(config: TrialConfig) -> None:
+    err_console.print(
+        f"trial {config.hash()}: {config.method} / {config.backbone} on {config.dataset}, "
+        f"{config.epochs} epochs, batch {config.batch_size}"
     )
 
 

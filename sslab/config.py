@@ -37,7 +37,7 @@ from sslab.augment.spec import canonical_view, format_value, parse_steps
 from sslab.errors import ConfigError
 from sslab.fingerprint import folder_fingerprint
 from sslab.methods.catalog import method_info, methods
-from sslab.pipeline import PIPELINE_VERSION, VERSIONS
+from sslab.pipeline import PIPELINE_VERSION, VERSIONS, effective_version
 from sslab.settings import MethodInfo, SettingValues, coerce
 
 IDENTITY_VERSION = 2  # 1: every field hashed as spelled (schema-0 stores); 2: the canonical identity
@@ -54,6 +54,7 @@ class TrialConfig:
     image_size: int | None = None  # resize images to this side; None keeps the native size
     data_fingerprint: str | None = None  # content of an imagefolder: PATH (files, sizes, times); set by sslab
     train_subset: int | None = None  # use only the first N class-balanced training images
+    pretrain_unlabelled: bool = False  # also pretrain on the unlabelled split (STL-10's 100,000 images)
     cifar_stem: bool | None = None  # 3x3 stride-1 stem, no max-pool; None: on for images <= 64 px
     resnet_width: float = 1.0  # ResNet channel multiplier (SimCLR's ResNet-50 (2x)); 1 is torchvision's
     patch_size: int | None = None  # ViT patch side in px; None: 4 up to 32-px images, 8 up to 96, else 16
@@ -120,6 +121,7 @@ class TrialConfig:
     # --- runtime: where and how to run, not what; excluded from the trial hash -------------------------
     data_dir: str | None = None  # where to look for the dataset first
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    compile: bool = False  # torch.compile the backbone: a minute or more to compile, then a faster step
 
     @property
     def view_specs(self) -> tuple[str, str]:
@@ -165,8 +167,9 @@ class TrialConfig:
         identity: dict[str, Any] = {"v": IDENTITY_VERSION, "method": self.method}
         if self.method_version != 1:
             identity["method_version"] = self.method_version
-        if self.pipeline_version != 1:
-            identity["pipeline_version"] = self.pipeline_version
+        pipeline = effective_version(self.pipeline_version, self.precision)
+        if pipeline != 1:
+            identity["pipeline_version"] = pipeline
         for name in SHARED_FIELDS:
             if name not in skipped and getattr(self, name) != defaults[name]:
                 identity[name] = getattr(self, name)
@@ -233,9 +236,10 @@ EVALUATION_FIELDS = (
     *FINETUNE_FIELDS,
     "probe_dataset",
 )
-RUNTIME_FIELDS = ("data_dir", "device")
+RUNTIME_FIELDS = ("data_dir", "device", "compile")
 SET_BY_SSLAB = ("data_fingerprint",)  # recorded with the trial, never given on the command line
 IMAGEFOLDER = "imagefolder:"
+WITH_UNLABELLED = ("stl10",)  # datasets with an unlabelled split (`ImageDataset.unlabelled_images`)
 # Which behaviour a trial ran (its method's, the shared pipeline's): recorded, and settable to look one up.
 VERSION_FIELDS = ("method_version", "pipeline_version")
 _INTERNAL_FIELDS = ("settings", *VERSION_FIELDS)
@@ -502,6 +506,10 @@ def _problems(config: TrialConfig, info: MethodInfo) -> Iterator[str]:
         yield f"val_fraction must be in [0, 0.5) (got {config.val_fraction})"
     if config.batch_size < 2:
         yield "batch_size must be at least 2 (contrastive losses need negatives)"
+    if config.pretrain_unlabelled and config.dataset not in WITH_UNLABELLED:
+        yield f"pretrain_unlabelled needs a dataset with an unlabelled split ({', '.join(WITH_UNLABELLED)})"
+    elif config.pretrain_unlabelled and info.uses_labels:
+        yield f"method {config.method} trains on labels, not on unlabelled images: drop pretrain_unlabelled"
     if config.local_crops and not info.multicrop:
         yield f"method {config.method} does not use local crops; set local_crops=0"
     if not 1 <= config.method_version <= info.version:

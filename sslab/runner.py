@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,11 @@ from torch import Tensor
 
 import sslab
 from sslab import distributed, label_free, weights
+from sslab.batches import ImageParts
 from sslab.config import FINETUNE_FIELDS, SHARED_FIELDS, TrialConfig
 from sslab.data import ImageDataset, load_dataset
 from sslab.data.resize import match_channels
-from sslab.errors import ConfigError, SslabError
+from sslab.errors import ConfigError, DatasetError, SslabError
 from sslab.evaluate import extract_features, knn_grid, knn_top1, knn_val_top1, linear_probe, stratified_split
 from sslab.finetune import finetune
 from sslab.methods.base import Method, build_method
@@ -52,11 +54,14 @@ from sslab.store import Provenance, Store
 from sslab.tracking import open_trackers
 from sslab.train import (
     EpochRecord,
+    PrecisionWarning,
     Reporter,
     TrainResult,
     autocast_dtype,
     channel_stats,
+    emulated_precision_warning,
     plan_views,
+    precision_name,
     pretrain,
     resolve_device,
 )
@@ -89,12 +94,22 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def provenance(device: torch.device) -> Provenance:
+def provenance(device: torch.device, config: TrialConfig | None = None) -> Provenance:
+    """Where and how `config`'s trial runs (its precision with `auto` resolved for `device`)."""
     name = str(device)
     if device.type == "cuda":
         name = f"{device} ({torch.cuda.get_device_name(device)})"
+    computed_in = None
+    if config is not None:
+        computed_in = precision_name(autocast_dtype(config.precision, device, config.pipeline_version))
     return Provenance(
-        name, torch.__version__, sslab.__version__, git_commit(), platform.node(), torch.get_num_threads()
+        name,
+        torch.__version__,
+        sslab.__version__,
+        git_commit(),
+        platform.node(),
+        torch.get_num_threads(),
+        computed_in,
     )
 
 
@@ -115,10 +130,23 @@ def prepare_dataset(config: TrialConfig) -> ImageDataset:
     dataset = load_dataset(config.dataset, data_dir=config.data_dir, image_size=config.image_size)
     if config.train_subset is not None:
         images, labels = balanced_subset(dataset.train_images, dataset.train_labels, config.train_subset)
-        dataset = ImageDataset(
-            dataset.name, images, labels, dataset.test_images, dataset.test_labels, dataset.classes
-        )
+        dataset = dataclasses.replace(dataset, train_images=images, train_labels=labels)
     return dataset
+
+
+def pretraining_set(config: TrialConfig, dataset: ImageDataset) -> tuple[Tensor | ImageParts, Tensor]:
+    """The images pretraining sees and their labels: train, then (`pretrain_unlabelled`) the unlabelled
+    split, labelled -1, read in place rather than copied together."""
+    if not config.pretrain_unlabelled:
+        return dataset.train_images, dataset.train_labels
+    extra = dataset.unlabelled_images
+    if extra is None:
+        raise DatasetError(
+            f"{config.dataset} was found without its unlabelled images (unlabeled_X.bin for stl10); "
+            "add the file or drop pretrain_unlabelled"
+        )
+    labels = torch.cat([dataset.train_labels, torch.full((extra.shape[0],), -1, dtype=torch.long)])
+    return ImageParts(dataset.train_images, extra), labels
 
 
 @dataclass(frozen=True)
@@ -132,8 +160,10 @@ class DataFormat:
     std: Tensor
 
     @classmethod
-    def of(cls, dataset: ImageDataset) -> DataFormat:
-        mean, std = channel_stats(dataset.train_images)
+    def of(cls, dataset: ImageDataset, images: Tensor | ImageParts | None = None) -> DataFormat:
+        """The format of `dataset`, normalised by the statistics of `images`, those pretrained on
+        (default: the train images)."""
+        mean, std = channel_stats(dataset.train_images if images is None else images)
         return cls(dataset.channels, dataset.image_size, dataset.num_classes, mean, std)
 
 
@@ -292,11 +322,18 @@ def run_trial(
     if not distributed.is_main():
         return _train_alongside(config, store, dataset, device, checkpoint, resume, pretrained)
     trackers = open_trackers(log, config) if log else []
-    trial_id = store.begin_trial(config, provenance(device))
+    slow = emulated_precision_warning(config.precision, device)
+    if slow is not None:
+        warnings.warn(slow, PrecisionWarning, stacklevel=2)
+    trial_id = store.begin_trial(config, provenance(device, config))
     started = time.perf_counter()
     try:
         assert dataset is not None or pretrained is not None
-        data = _format(pretrained) if pretrained is not None else DataFormat.of(cast(ImageDataset, dataset))
+        if pretrained is not None:
+            data = _format(pretrained)
+        else:
+            pretrain_images, pretrain_labels = pretraining_set(config, cast(ImageDataset, dataset))
+            data = DataFormat.of(cast(ImageDataset, dataset), pretrain_images)
         probe_data = evaluation_dataset(config, data) if config.probe_dataset else cast(ImageDataset, dataset)
         method = build_model(config, data)
         if config.finetune_labels and config.finetune_from == "g1" and not _has_hidden_head_layer(method):
@@ -343,8 +380,8 @@ def run_trial(
             result: TrainResult = pretrain(
                 method,
                 config,
-                dataset.train_images,
-                dataset.train_labels,
+                pretrain_images,
+                pretrain_labels,
                 device,
                 checkpoint=checkpoint,
                 resume=resume,
@@ -375,7 +412,7 @@ def run_trial(
                     data.mean,
                     data.std,
                     device,
-                    autocast_dtype(config.precision, device),
+                    autocast_dtype(config.precision, device, config.pipeline_version),
                 )
             )
         metrics.update(result.history[-1].extra)  # the label-free metrics of the last epoch
@@ -497,8 +534,7 @@ def _train_alongside(
         pretrain(
             method,
             config,
-            dataset.train_images,
-            dataset.train_labels,
+            *pretraining_set(config, dataset),
             device,
             checkpoint=checkpoint,
             resume=resume,
@@ -525,6 +561,7 @@ def baseline_key(config: TrialConfig, device: torch.device) -> tuple[Any, ...]:
         config.data_dir,
         config.image_size,
         config.train_subset,
+        config.pretrain_unlabelled,  # the images' normalisation statistics
         config.backbone,
         config.cifar_stem,
         config.resnet_width,
@@ -569,9 +606,16 @@ _NOT_IN_BASELINE = {
 }
 
 
+# Fields added after baselines were first stored, with the default that keeps what older ones computed.
+_ADDED_SINCE = {"pretrain_unlabelled": False}
+
+
 def baseline_hash(config: TrialConfig, device: torch.device) -> str:
     """The key of a stored random-init baseline: every field it may depend on, as set, and the device type."""
     fields = {name: getattr(config, name) for name in SHARED_FIELDS if name not in _NOT_IN_BASELINE}
+    for name, default in _ADDED_SINCE.items():  # at their defaults, older baselines keep their key
+        if fields[name] == default:
+            del fields[name]
     if config.info.own_backbone:
         fields["method"] = config.method
     payload = json.dumps({**fields, "device": device.type, "v": 1}, sort_keys=True, default=str)

@@ -125,6 +125,7 @@ class MethodInfo:
     # a method without it refuses to run under torchrun.
     multiprocess: bool = False
     own_backbone: bool = False  # replaces the trial's backbone by encoders of its own (CMC's L and ab)
+    uses_labels: bool = False  # trains on the class labels (so not on unlabelled images)
     version: int = 1  # bumped when a fix changes what the method computes: its old trials stay, marked older
     shared_defaults: Mapping[str, Any] = field(
         default_factory=dict
@@ -163,6 +164,7 @@ class MethodSettings:
     multicrop: ClassVar[bool] = False
     multiprocess: ClassVar[bool] = False
     own_backbone: ClassVar[bool] = False
+    uses_labels: ClassVar[bool] = False
     version: ClassVar[int] = 1
     shared_defaults: ClassVar[Mapping[str, Any]] = {}
     earlier_shared_defaults: ClassVar[Mapping[int, Mapping[str, Any]]] = {}
@@ -179,6 +181,7 @@ class MethodSettings:
                 "multicrop": cls.multicrop,
                 "multiprocess": cls.multiprocess,
                 "own_backbone": cls.own_backbone,
+                "uses_labels": cls.uses_labels,
                 "version": cls.version,
                 "shared_defaults": dict(cls.shared_defaults),
                 "earlier_shared_defaults": dict(cls.earlier_shared_defaults),
@@ -210,6 +213,7 @@ def make_info(
         multicrop=bool(attributes.get("multicrop", False)),
         multiprocess=bool(attributes.get("multiprocess", False)),
         own_backbone=bool(attributes.get("own_backbone", False)),
+        uses_labels=bool(attributes.get("uses_labels", False)),
         version=int(attributes.get("version", 1)),
         shared_defaults=dict(attributes.get("shared_defaults", {})),
         earlier_shared_defaults={

@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-
 from sslab.errors import ConfigError, SslabError
 
 
@@ -57,6 +55,8 @@ def requeue_self() -> None:
 
 def check_store(url: str, jobs: int) -> None:
     """Several machines need one server database: SQLite's file locks do not hold over network filesystems."""
+    from sqlalchemy.engine import make_url  # SQLAlchemy is slow to import: only where a job is submitted
+
     if make_url(url).get_backend_name() == "sqlite" and jobs > 1:
         raise ConfigError(
             f"{jobs} SLURM jobs cannot share the SQLite store {url}: SQLite's locking is not safe across "
@@ -68,6 +68,8 @@ def checkpoint_dir(url: str, given: Path | None) -> Path:
     """Where the tasks keep epoch checkpoints: given, or beside a SQLite store; PostgreSQL needs one given."""
     if given is not None:
         return given.expanduser().resolve()
+    from sqlalchemy.engine import make_url
+
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         return Path(str(parsed.database)).expanduser().resolve().parent / "checkpoints"

@@ -22,9 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import pandas as pd
 from sqlalchemy import (
     Boolean,
     DateTime,
@@ -47,9 +46,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sslab.config import TrialConfig
 from sslab.errors import SslabError
+from sslab.store_lookup import resolve_url
 from sslab.store_migrations import SCHEMA_VERSION, Migration, migrate, stored_version
 
-DEFAULT_DB = "sqlite:///results/sslab.db"
+if TYPE_CHECKING:  # pandas takes half a second to import: only the frames need it
+    import pandas as pd
 
 
 class StoreError(SslabError):
@@ -96,6 +97,8 @@ class TrialRow(Base):
     threads: Mapped[int | None] = mapped_column(Integer, nullable=True)  # torch CPU threads it ran with
     # The trial whose kept weights this one evaluated instead of pretraining (same pretraining identity).
     pretrained_from: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # What the trial computed in (fp32, bf16, fp16); None for trials recorded before schema 5.
+    precision: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -194,6 +197,9 @@ class Provenance:
     threads: int | None = (
         None  # CPU threads of the float reductions: results are bit-equal only at equal ones
     )
+    precision: str | None = (
+        None  # what autocast computed in (fp32, bf16, fp16): `auto` depends on the hardware
+    )
 
 
 def _now() -> datetime:
@@ -221,10 +227,6 @@ def is_live(claim: ClaimRow | None, timeout: float = HEARTBEAT_TIMEOUT) -> bool:
     host, _, rest = claim.worker.partition(":")
     pid = rest.partition(":")[0]
     return host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid))
-
-
-def resolve_url(url: str | None) -> str:
-    return url or os.environ.get("SSLAB_DB") or DEFAULT_DB
 
 
 def _has_table(connection: Any, name: str) -> bool:
@@ -419,6 +421,7 @@ class Store:
             row.device, row.torch_version = provenance.device, provenance.torch_version
             row.sslab_version, row.git_commit = provenance.sslab_version, provenance.git_commit
             row.hostname, row.threads = provenance.hostname, provenance.threads
+            row.precision = provenance.precision
             row.pretrained_from = None
             session.flush()
             return row.id
@@ -536,6 +539,8 @@ class Store:
 
         Trials of the study that have not started yet appear with status `pending`.
         """
+        import pandas as pd
+
         with self.session() as session:
             members = list(session.scalars(select(StudyTrialRow).where(StudyTrialRow.study == study)))
         if not members:
@@ -681,6 +686,8 @@ class Store:
 
     def results_frame(self, hashes: set[str] | None = None) -> pd.DataFrame:
         """One row per trial: identity, status, provenance, every config field and every final metric."""
+        import pandas as pd
+
         with self.session() as session:
             query = select(TrialRow).order_by(TrialRow.id)
             if hashes is not None:
@@ -708,6 +715,7 @@ class Store:
                     "wall_time_s": trial.wall_time_s,
                     "device": trial.device,
                     "threads": trial.threads,
+                    "precision_used": trial.precision,
                     "finished_at": trial.finished_at.isoformat() if trial.finished_at else None,
                     "duplicate_of": trial.duplicate_of,
                     **flat_record(trial.config),
@@ -722,12 +730,14 @@ def flat_record(record: Mapping[str, Any]) -> dict[str, Any]:
     `older_behaviour` when the trial ran an older version of its method, or of the shared pipeline, than this
     release has."""
     from sslab.methods.catalog import methods
-    from sslab.pipeline import PIPELINE_VERSION
+    from sslab.pipeline import PIPELINE_VERSION, effective_version
 
     flat = {k: v for k, v in record.items() if k not in ("settings", "v")}
     flat.update(record.get("settings", {}))
     info = methods().get(str(record.get("method")))
     version = int(record.get("method_version", 1))
     flat["pipeline_version"] = pipeline = int(record.get("pipeline_version", 1))
-    flat["older_behaviour"] = (info is not None and version < info.version) or pipeline < PIPELINE_VERSION
+    precision = str(record.get("precision", "auto"))
+    older_pipeline = effective_version(pipeline, precision) < effective_version(PIPELINE_VERSION, precision)
+    flat["older_behaviour"] = (info is not None and version < info.version) or older_pipeline
     return flat

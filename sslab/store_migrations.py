@@ -9,6 +9,8 @@
 - Schema 3: each worker records its scheduler job (`job`, e.g. a SLURM array task).
 - Schema 4: a trial that evaluated another's kept weights instead of pretraining names it (`pretrained_from`);
   random-init baselines are stored once (`sslab_baselines`, created with the other tables).
+- Schema 5: each trial records the precision it computed in (`precision`: fp32, bf16 or fp16), since
+  `--precision auto` picks by hardware; unknown for older trials.
 
 Migrations use plain SQL on one connection inside the caller's transaction, so that a failure leaves the store
 as it was; a lock taken first makes concurrent openers wait and then find the work done.
@@ -24,8 +26,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 from sslab.errors import ConfigError, SslabError
-
-SCHEMA_VERSION = 4
+from sslab.store_lookup import SCHEMA_VERSION
 
 
 @dataclass
@@ -88,6 +89,8 @@ def migrate(connection: Connection, target: int = SCHEMA_VERSION) -> Migration |
         _add_column(connection, "sslab_workers", "job", "VARCHAR(64)")
     if result.from_version < 4:
         _add_column(connection, "sslab_trials", "pretrained_from", "VARCHAR(32)")
+    if result.from_version < 5:
+        _add_column(connection, "sslab_trials", "precision", "VARCHAR(8)")
     _set_version(connection, target)
     summary = f"results store migrated from schema {result.from_version} to {target}"
     if result.from_version < 1:

@@ -17,14 +17,14 @@ from torch import Tensor
 from sslab import distributed
 from sslab.augment.spec import Step
 from sslab.augment.view import View, parse_view
-from sslab.batches import image_source
+from sslab.batches import ImageParts, image_source
 from sslab.config import TrialConfig
 from sslab.errors import SslabError
 from sslab.methods.base import Gather, Method, StepContext
 from sslab.metrics import COLLAPSE_RATIO, EPOCH_SECONDS, IMAGES_PER_S, LOSS, LR, OUTPUT_STD
 from sslab.optim import build_optimizer, lr_at, scaled_lr, weight_decay_at
-from sslab.pipeline import derived_seed
-from sslab.runtime import tune_allocator
+from sslab.pipeline import PIPELINE_VERSION, derived_seed
+from sslab.runtime import native_bf16_cpu, tune_allocator
 
 READBACK_STEPS = 25  # on an accelerator: steps between reads of the loss (progress, non-finite check)
 COLLAPSED_BELOW = 0.1  # a collapse ratio below this (output std < 0.1/sqrt(d)): the outputs have collapsed
@@ -109,21 +109,45 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting, None for full fp32."""
+def autocast_dtype(
+    precision: str, device: torch.device, pipeline: int = PIPELINE_VERSION
+) -> torch.dtype | None:
+    """The autocast dtype for a precision setting, None for full fp32; `auto` on a CPU depends on the
+    shared pipeline's version (`sslab.pipeline`)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
-    # auto: CPUs without native bf16 run autocast slower than fp32, so only accelerators get it.
+    # auto: mixed precision only where the hardware computes it natively; elsewhere it is slower than fp32.
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and pipeline >= 3 and native_bf16_cpu():
+        return torch.bfloat16
     return None
 
 
-def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What a trial computes in, as stored with it: fp32, bf16 or fp16."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+class PrecisionWarning(UserWarning):
+    """A precision that this hardware computes slowly."""
+
+
+def emulated_precision_warning(precision: str, device: torch.device) -> str | None:
+    """A note when bf16 was asked for on a CPU that emulates it (many times slower than fp32)."""
+    if device.type != "cpu" or precision != "bf16" or native_bf16_cpu():
+        return None
+    return (
+        "bf16 on this CPU is emulated (no AVX512-BF16 or AMX): a step takes many times as long as in "
+        "fp32; --precision auto picks fp32 here"
+    )
+
+
+def channel_stats(images: Tensor | ImageParts) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units, shaped (1, C, 1, 1)."""
     sample = images[:: max(1, images.shape[0] // 5000)].float() / 255.0
     mean = sample.mean(dim=(0, 2, 3), keepdim=True)
@@ -209,7 +233,7 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def pretrain(
     method: Method,
     config: TrialConfig,
-    images: Tensor,
+    images: Tensor | ImageParts,
     labels: Tensor,
     device: torch.device,
     *,
@@ -221,7 +245,8 @@ def pretrain(
     stream: bool | None = None,
     views: Callable[[Tensor, torch.Generator], list[Tensor]] | None = None,
 ) -> TrainResult:
-    """Pretrain `method` on uint8 `images` (N, C, H, W); returns the per-epoch history.
+    """Pretrain `method` on uint8 `images` (N, C, H, W), one tensor or parts read in place (train and
+    unlabelled); returns the per-epoch history.
 
     The images are held on `device` when they fit there, else streamed from host memory (`sslab.batches`;
     `stream` True or False decides instead). `views` makes each batch's views from its [0, 1] images instead
@@ -247,13 +272,15 @@ def pretrain(
     method.to(device)
     if channels_last:
         method.to(memory_format=torch.channels_last)
+    if config.compile:
+        method.backbone.compile()  # in place: the state dict keeps its keys, checkpoints stay loadable
     if distributed.world_size() > 1:
         if config.sync_bn:
             distributed.convert_sync_batchnorm(method, device)
         distributed.broadcast_module(method)  # every process starts from the main process's weights
     gather = distributed.ProcessGather() if distributed.world_size() > 1 else Gather()
     optimizer = build_optimizer(config, method, method.fixed_lr_parameters())
-    amp_dtype = autocast_dtype(config.precision, device)
+    amp_dtype = autocast_dtype(config.precision, device, config.pipeline_version)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     per_epoch = steps_per_epoch(images.shape[0], config.batch_size)

@@ -30,3 +30,10 @@ def postgres_url() -> Iterator[str]:
 def _weights_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test keeps trained weights in a folder of its own, never in the checkout's results/."""
     monkeypatch.setenv("SSLAB_WEIGHTS_DIR", str(tmp_path_factory.mktemp("weights")))
+
+
+@pytest.fixture(autouse=True)
+def _fp32_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--precision auto` computes in fp32 on every CI machine, whether or not its CPU has native bf16, so
+    the tests' margins and exact comparisons hold on all of them; tests of the choice set it themselves."""
+    monkeypatch.setenv("SSLAB_CPU_BF16", "0")

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sslab.batches import ResidentImages, StreamedImages, image_source
+from sslab.batches import ImageParts, ResidentImages, StreamedImages, image_source
 from sslab.config import from_mapping
 from sslab.data.cache import load_cache, save_cache
 from sslab.data.dataset import ImageDataset
@@ -77,3 +77,34 @@ def test_pretraining_streamed_equals_pretraining_resident() -> None:
         histories.append(weights)
     assert histories[0] == histories[2]
     assert all(torch.equal(a, b) for a, b in zip(histories[1], histories[3], strict=True))
+
+
+def test_image_parts_index_as_their_concatenation() -> None:
+    first, second = dataset(40).train_images, dataset(70, seed=1).train_images
+    parts, whole = ImageParts(first, second), torch.cat([first, second])
+    assert parts.shape == whole.shape and parts.numel() == whole.numel()
+    index = torch.randperm(110, generator=torch.Generator().manual_seed(2))[:50]
+    assert torch.equal(parts.index_select(0, index), whole[index])
+    assert torch.equal(parts[::7], whole[::7]) and torch.equal(parts.to(torch.device("cpu")), whole)
+    for stream in (False, True):
+        source = image_source(parts, torch.device("cpu"), stream=stream)
+        source.prefetch(index)
+        assert torch.equal(source.batch(index), whole[index])
+        source.close()
+
+
+def test_pretraining_on_parts_equals_pretraining_on_their_concatenation() -> None:
+    """Train and unlabelled images read in place train exactly as one tensor of both would."""
+    config = from_mapping({"batch_size": 32, "epochs": 1, "precision": "fp32"})
+    labelled, unlabelled = dataset(64), dataset(64, seed=5)
+    labels = torch.cat([labelled.train_labels, torch.full((64,), -1)])
+    weights = []
+    for images in (
+        ImageParts(labelled.train_images, unlabelled.train_images),
+        torch.cat([labelled.train_images, unlabelled.train_images]),
+    ):
+        torch.manual_seed(0)
+        method = build_method(config, build_backbone("smallcnn", 3, 16), num_classes=10)
+        pretrain(method, config, images, labels, torch.device("cpu"))
+        weights.append([p.detach().clone() for p in method.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))

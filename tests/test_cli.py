@@ -128,3 +128,37 @@ def test_every_recorded_metric_is_in_the_vocabulary(db: str) -> None:
     )
     per_epoch = {row.name for row in store.metrics(trial.id) if row.epoch is not None}
     assert per_epoch <= set(metrics.epoch_metrics())
+
+
+def test_stl10_pretrains_on_train_and_unlabelled_and_probes_on_train(db: str, tmp_path, monkeypatch) -> None:
+    """The standard STL-10 protocol end to end, on fake binaries: 40 labelled and 88 unlabelled images."""
+    import sslab.runner as runner_module
+    from tests.test_data import fake_stl10
+
+    fake_stl10(tmp_path / "data", train=40, unlabelled=88)
+    seen = []
+    original = runner_module.pretrain
+    monkeypatch.setattr(
+        runner_module, "pretrain", lambda *a, **k: seen.append(a[2].shape[0]) or original(*a, **k)
+    )
+    monkeypatch.setenv("SSLAB_CACHE", str(tmp_path / "cache"))
+    stl = ["--dataset", "stl10", "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--epochs", "1"]
+    stl += ["--batch-size", "32", "-q", "--db", db]
+    result = runner.invoke(app, ["run", *stl, "--pretrain-unlabelled"])
+    assert result.exit_code == 0, result.output
+    assert seen == [128]  # train + unlabelled
+    assert runner.invoke(app, ["run", *stl]).exit_code == 0 and seen == [128, 40]  # another trial: train only
+    frame = Store(db).results_frame()
+    assert sorted(frame["pretrain_unlabelled"]) == [False, True] and frame["linear_top1"].notna().all()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--dataset", "synthetic"], "pretrain_unlabelled needs a dataset with an unlabelled split (stl10)"),
+        (["--dataset", "stl10", "--method", "supervised"], "method supervised trains on labels"),
+    ],
+)
+def test_pretrain_unlabelled_is_refused_where_it_cannot_apply(db: str, options, message) -> None:
+    result = runner.invoke(app, ["run", *options, "--pretrain-unlabelled", "--db", db])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1

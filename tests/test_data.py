@@ -437,9 +437,9 @@ def test_changed_source_is_decoded_again(tmp_path: Path, monkeypatch: pytest.Mon
     calls: list[Path] = []
     real = registry.load_imagefolder
 
-    def counting(path: Path, image_size: int | None, dataset_name: str) -> ImageDataset:
+    def counting(path: Path, image_size: int | None, dataset_name: str, scratch: Path) -> ImageDataset:
         calls.append(path)
-        return real(path, image_size, dataset_name)
+        return real(path, image_size, dataset_name, scratch)
 
     monkeypatch.setattr(registry, "load_imagefolder", counting)
     load_dataset(name, cache_dir=cache)
@@ -600,3 +600,68 @@ def _first_member(tarball: Path, name: str) -> bytes:
                 assert handle is not None
                 return handle.read()
     raise AssertionError(f"{name} not in {tarball}")
+
+
+def fake_stl10(root: Path, train: int = 3, unlabelled: int = 0) -> dict[str, np.ndarray]:
+    """STL-10 binaries in `root`/stl10_binary, stored column-major per channel as the official ones are."""
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    arrays = {split: rng.integers(0, 256, (train, 3, 96, 96), dtype=np.uint8) for split in ("train", "test")}
+    for split, images in arrays.items():
+        images.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")
+        (np.arange(train, dtype=np.uint8) % 10 + 1).tofile(folder / f"{split}_y.bin")
+    if unlabelled:
+        arrays["unlabelled"] = rng.integers(0, 256, (unlabelled, 3, 96, 96), dtype=np.uint8)
+        arrays["unlabelled"].transpose(0, 1, 3, 2).tofile(folder / "unlabeled_X.bin")
+    return arrays
+
+
+def test_stl10_unlabelled_split_is_read_upright_and_kept_in_the_cache(tmp_path: Path) -> None:
+    arrays = fake_stl10(tmp_path / "data", unlabelled=5)
+    for _ in ("decoded", "from the cache"):
+        ds = load_dataset("stl10", data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+        assert ds.unlabelled_images is not None
+        assert torch.equal(ds.unlabelled_images, torch.from_numpy(arrays["unlabelled"]))
+        assert torch.equal(ds.train_images, torch.from_numpy(arrays["train"]))
+    assert not list((tmp_path / "cache" / "scratch").iterdir())  # the scratch file was unlinked at once
+    small = load_dataset("stl10", data_dir=tmp_path / "data", image_size=32, cache_dir=tmp_path / "cache")
+    assert small.unlabelled_images is not None and small.unlabelled_images.shape == (5, 3, 32, 32)
+
+
+def test_stl10_without_its_unlabelled_file_has_no_unlabelled_split(tmp_path: Path) -> None:
+    fake_stl10(tmp_path / "data")
+    assert (
+        load_dataset("stl10", data_dir=tmp_path / "data", cache_dir=tmp_path / "c").unlabelled_images is None
+    )
+
+
+def rss_anon_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads anonymous memory from /proc")
+def test_imagefolder_decodes_into_files_not_memory(tmp_path: Path) -> None:
+    """Decoded straight into unlinked files in the cache's scratch folder: the same images as decoding in
+    memory, while the process's anonymous memory grows by far less than the decoded set."""
+    from sslab.data.imagefolder import load_imagefolder
+
+    rng = np.random.default_rng(7)
+    for c in range(3):
+        for i in range(120):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            _save(Image.fromarray(pixels), tmp_path / "tree" / f"class{c}" / f"{i:03d}.png", "PNG")
+    side = 224  # 360 x 3 x 224 x 224 = 54 MiB decoded
+    scratch = tmp_path / "scratch"
+    before = rss_anon_kib()
+    streamed = load_imagefolder(tmp_path / "tree", side, "imagefolder:t", scratch)
+    grown = rss_anon_kib() - before
+    in_memory = load_imagefolder(tmp_path / "tree", side, "imagefolder:t")
+    assert torch.equal(streamed.train_images, in_memory.train_images)
+    assert torch.equal(streamed.test_images, in_memory.test_images)
+    assert torch.equal(streamed.train_labels, in_memory.train_labels)
+    assert str(streamed.train_images.untyped_storage().filename).startswith(str(scratch))
+    assert not list(scratch.iterdir())  # unlinked at once: their space goes with the tensors
+    decoded_kib = 360 * 3 * side * side // 1024
+    assert grown < decoded_kib // 3, (grown, decoded_kib)

@@ -21,7 +21,9 @@ SIZE = 16
 STEPS = 3
 # Small widths keep the processes fast; the queue (12 rows) wraps around within the three steps of 8 images.
 # SGD, not the methods' Adam: Adam divides by the gradient's magnitude, so the float rounding of a gradient
-# that is zero in exact arithmetic (VICReg's last expander bias) would become a full step.
+# that is zero in exact arithmetic (VICReg's last expander bias) would become a full step. In float64: NNCLR's
+# nearest neighbour is an argmax, and float32 rounding that differs between one and two processes flipped a
+# near tie on one CPU, which is a different (equally right) neighbour, not a different computation.
 COMMON = {"batch_size": GLOBAL_BATCH, "sync_bn": True, "optimizer": "sgd", "lr": 0.1, "out_dim": 16}
 METHODS: dict[str, dict[str, object]] = {
     "vicreg": {"head_width": 32},
@@ -33,12 +35,12 @@ METHODS: dict[str, dict[str, object]] = {
 def _method(name: str) -> Method:
     config = from_mapping({"method": name, **COMMON, **METHODS[name]})
     torch.manual_seed(0)
-    return build_method(config, build_backbone("smallcnn", 1, SIZE), num_classes=4)
+    return build_method(config, build_backbone("smallcnn", 1, SIZE), num_classes=4).double()
 
 
 def _views(step: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return list(torch.randn(2, GLOBAL_BATCH, 1, SIZE, SIZE, generator=g))
+    return list(torch.randn(2, GLOBAL_BATCH, 1, SIZE, SIZE, generator=g, dtype=torch.float64))
 
 
 def _train(method: Method, rows: slice, gather: Gather) -> dict:

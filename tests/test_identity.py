@@ -121,7 +121,7 @@ def test_method_defaults_are_left_out_of_the_identity() -> None:
         "v": 2,
         "method": "dino",
         "method_version": dino.info.version,
-        "pipeline_version": 2,
+        "pipeline_version": 3,
     }
     assert dino.optimizer == "adamw" and dino.settings.teacher_temp == 0.04
     explicit = {"method": "dino", "optimizer": "adamw", "lr": 1e-3, "dino.teacher_temp": 0.04}
@@ -159,7 +159,7 @@ def test_a_pipeline_change_keeps_older_trials_apart() -> None:
     assert from_mapping({}).hash() != old.hash()
     assert from_mapping(old.record()).hash() == old.hash()
     assert from_mapping(from_mapping({}).record()).hash() == from_mapping({}).hash()
-    with pytest.raises(ConfigError, match="pipeline_version must be one of 1, 2"):
+    with pytest.raises(ConfigError, match="pipeline_version must be one of 1, 2, 3"):
         from_mapping({"pipeline_version": 7})
 
 
@@ -294,3 +294,32 @@ def test_a_finished_trial_is_answered_without_torch(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "already done as trial 1" in result.stderr and "linear_top1" in result.stdout
+
+
+def test_a_finished_trial_in_a_sqlite_store_is_answered_without_sqlalchemy(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The store's own read (SQLAlchemy) and the standard library's print the same answer; the second is
+    what a repeated command takes, so nothing slow to import is on its path."""
+    from typer.testing import CliRunner
+
+    from sslab.cli import app
+
+    tiny = ["run", "--dataset", "synthetic", "--epochs", "1", "--train-subset", "256", "--batch-size", "64"]
+    db = ["--db", f"sqlite:///{tmp_path / 'r.db'}"]
+    assert CliRunner().invoke(app, [*tiny, "-q", *db]).exit_code == 0
+    probe = (
+        "import sys; from sslab.cli import app\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "print('imported:', *sorted({'sqlalchemy', 'pandas', 'torch'} & set(sys.modules)))"
+    )
+    fast = subprocess.run(
+        [sys.executable, "-c", probe, *tiny, *db], capture_output=True, text=True, timeout=60
+    )
+    assert fast.returncode == 0, fast.stderr[-2000:]
+    assert "already done as trial 1" in fast.stderr and fast.stdout.splitlines()[-1] == "imported:"
+    monkeypatch.setattr("sslab.store_lookup.done_trial", lambda url, config_hash: None)
+    full = CliRunner().invoke(app, [*tiny, *db])
+    assert "already done as trial 1" in full.output
+    table = [line for line in fast.stdout.splitlines() if "│" in line]
+    assert table and all(line in full.stdout for line in table)  # the same metrics, found the slow way

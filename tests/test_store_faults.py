@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import os
 import shutil
@@ -36,7 +38,10 @@ def filled_store(directory: Path) -> Path:
     for args in (["study", "run", str(study), "--db", url], ["run", *TINY, "--db", url]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
-    with sqlite3.connect(path) as db:  # everything into the main file; the -wal file is left empty
+    # The commands' pooled connections close when collected, and the last one to close removes the -wal
+    # file: collect them now, so that the files do not change later, whatever runs in between.
+    gc.collect()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # everything into the main file
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return path
 

@@ -51,6 +51,7 @@ def test_old_store_opens_with_the_same_trials_and_metrics(old_store: str) -> Non
     assert frame.loc[10, "duplicate_of"] == frame.loc[9, "hash"] and frame["duplicate_of"].notna().sum() == 1
     # computed by the first behaviour of every method and by the first shared pipeline: all older
     assert frame["older_behaviour"].all() and (frame["pipeline_version"] == 1).all()
+    assert frame["precision_used"].isna().all()  # recorded from schema 5 on
     with sqlite3.connect(old_store.removeprefix("sqlite:///")) as db:
         (version,) = db.execute("SELECT value FROM sslab_meta WHERE key = 'schema_version'").fetchone()
     assert int(version) == SCHEMA_VERSION
@@ -135,7 +136,7 @@ def test_an_old_postgresql_store_migrates_too(tmp_path: Path, monkeypatch, postg
     fixture = MetaData()
     fixture.reflect(source, only=[t.name for t in old_tables])
     with source.connect() as reading, target.begin() as writing:
-        for column in ("duplicate_of", "threads", "pretrained_from"):  # added by schemas 1, 2 and 4
+        for column in ("duplicate_of", "threads", "pretrained_from", "precision"):  # schemas 1, 2, 4, 5
             writing.execute(text(f"ALTER TABLE sslab_trials DROP COLUMN {column}"))
         writing.execute(text("ALTER TABLE sslab_workers DROP COLUMN job"))  # added by schema 3
         for table in old_tables:

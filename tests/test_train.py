@@ -1,6 +1,7 @@
 """Pretraining loop, evaluation and the trial runner, end to end on small real and synthetic data."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from sslab import weights
 from sslab.config import from_mapping
 from sslab.evaluate import knn_top1, linear_probe
+from sslab.methods.base import build_method
 from sslab.models import build_backbone, build_head
 from sslab.optim import build_optimizer, clip_each_gradient, lr_at, weight_decay_at
 from sslab.runner import balanced_subset, run_trial
@@ -264,3 +266,31 @@ def test_random_streams_are_derived_from_seed_purpose_and_rank() -> None:
         stream_seed(c, purpose, rank) for c in new for purpose in ("order", "augment") for rank in (0, 1)
     }
     assert len(seeds) == 8
+
+
+@pytest.mark.skipif(
+    not shutil.which("gcc") and not shutil.which("cc"), reason="torch.compile on a CPU needs a C compiler"
+)
+def test_a_compiled_backbone_trains_as_the_eager_one_and_is_the_same_trial() -> None:
+    """`compile` is a runtime setting: the trial's identity is unchanged, its losses and weights agree with
+    the eager step's to float rounding (the compiler fuses and reorders operations), and the state dict keeps
+    its keys, so checkpoints and kept weights load either way."""
+    eager_config = from_mapping({"batch_size": 16, "epochs": 1, "precision": "fp32"})
+    compiled_config = eager_config.with_runtime(compile=True)
+    assert compiled_config.hash() == eager_config.hash()
+    images = torch.randint(
+        0, 256, (32, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    labels = torch.arange(32) % 10
+    results, states = [], []
+    for config in (eager_config, compiled_config):
+        torch.manual_seed(0)
+        method = build_method(config, build_backbone("smallcnn", 3, 16), num_classes=10)
+        results.append(pretrain(method, config, images, labels, torch.device("cpu")))
+        states.append(method.state_dict())
+        assert (method.backbone._compiled_call_impl is not None) is config.compile  # nn.Module.compile's
+    assert states[0].keys() == states[1].keys()
+    assert math.isclose(results[0].history[0].loss, results[1].history[0].loss, rel_tol=1e-4)
+    for name, value in states[0].items():
+        if value.is_floating_point():
+            assert torch.allclose(value, states[1][name], rtol=1e-3, atol=1e-4), name

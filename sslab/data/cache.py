@@ -17,7 +17,7 @@ import torch
 from sslab.data.dataset import DatasetWarning, ImageDataset
 
 # Bump when the stored layout or any decoder's output changes, so old cache files are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the unlabelled split (STL-10's) is kept too
 _KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -64,6 +64,9 @@ def load_cache(path: Path) -> ImageDataset | None:
             name=str(blob["name"]),
             **{key: _tensor(blob[key]) for key in _KEYS},
             classes=tuple(str(c) for c in blob["classes"]),
+            unlabelled_images=None
+            if blob.get("unlabelled_images") is None
+            else _tensor(blob["unlabelled_images"]),
         )
     except Exception as exc:  # whatever the failure, the file cannot be trusted
         warnings.warn(
@@ -78,6 +81,7 @@ def save_cache(path: Path, dataset: ImageDataset) -> None:
     """Write `dataset` to `path` atomically and drop older cache files of the same source and size."""
     blob: dict[str, Any] = {key: getattr(dataset, key) for key in _KEYS}
     blob.update(name=dataset.name, classes=list(dataset.classes), format=CACHE_FORMAT)
+    blob["unlabelled_images"] = dataset.unlabelled_images
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,10 +24,23 @@ class ImageDataset:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: tuple[str, ...]
+    # Images without labels that pretraining may also use (STL-10's 100,000), often memory-mapped; or None.
+    unlabelled_images: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_split(self.name, "train", self.train_images, self.train_labels, len(self.classes))
         _check_split(self.name, "test", self.test_images, self.test_labels, len(self.classes))
+        extra = self.unlabelled_images
+        if extra is not None and (
+            extra.dtype != torch.uint8
+            or extra.shape[1:] != self.train_images.shape[1:]
+            or extra.device.type != "cpu"
+        ):
+            shape = tuple(self.train_images.shape[1:])
+            raise DatasetError(
+                f"{self.name}: unlabelled images must be uint8 {shape} on the CPU like the train images, "
+                f"got {extra.dtype} {tuple(extra.shape[1:])}; the source files are malformed"
+            )
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
             raise DatasetError(
                 f"{self.name}: train images are {tuple(self.train_images.shape[1:])} but test images are "
@@ -52,6 +65,7 @@ class ImageDataset:
     def __repr__(self) -> str:
         return (
             f"ImageDataset(name={self.name!r}, train={len(self.train_labels)}, test={len(self.test_labels)}, "
+            f"unlabelled={0 if self.unlabelled_images is None else len(self.unlabelled_images)}, "
             f"channels={self.channels}, image_size={self.image_size}, num_classes={self.num_classes})"
         )
 

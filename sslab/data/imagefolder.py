@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -19,9 +21,12 @@ from sslab.errors import DatasetError
 
 TEST_FRACTION = 0.2
 MAX_AUTO_SIZE = 64
+_COPY_CHUNK = 1024  # images copied into a split per step: bounds the memory a large set needs
 
 
-def load_imagefolder(path: Path, image_size: int | None, name: str) -> ImageDataset:
+def load_imagefolder(
+    path: Path, image_size: int | None, name: str, scratch: Path | None = None
+) -> ImageDataset:
     """Load a folder (or .tar/.tar.gz) of class subfolders as RGB images of image_size x image_size.
 
     Layout: `PATH/<class>/**/<image>`, or `PATH/train/<class>/...` plus `PATH/test/<class>/...`, which
@@ -32,6 +37,11 @@ def load_imagefolder(path: Path, image_size: int | None, name: str) -> ImageData
     to image_size (antialiased) and center-cropped to a square. With image_size None it is the most
     common short side among the images (the smaller on ties), capped at 64. Unreadable files are skipped
     with one DatasetWarning that counts them.
+
+    With `scratch`, each image is decoded straight into a file there (unlinked at once: the mapping holds
+    it, and the operating system pages it out), so that a set larger than RAM (ImageNet-100 at 224 px,
+    19 GB) is decoded without holding it in memory; the splits are then copied chunk by chunk into files
+    of their own. Without it, the images are held in memory.
     """
     if is_tarball(path):
         tree = tree_from_members(read_tar(path, is_image_name))
@@ -48,24 +58,52 @@ def load_imagefolder(path: Path, image_size: int | None, name: str) -> ImageData
         )
     failed: dict[str, str] = {}
     size = image_size or _auto_size(tree.entries, failed)
-    images: list[torch.Tensor | None] = [None] * len(tree.entries)
+    images = image_buffer(len(tree.entries), size, scratch)
+    decoded = [False] * len(tree.entries)
     for i, entry in enumerate(tree.entries):
         if entry.key in failed:
             continue
         try:
             images[i] = torch.from_numpy(decode_fit(entry.data, size)).permute(2, 0, 1)
+            decoded[i] = True
         except Exception as exc:  # PIL raises many types for corrupt data
             failed[entry.key] = _reason(exc)
-    return _assemble(name, tree, images, failed, str(path), size)
+    return _assemble(name, tree, images, decoded, failed, str(path), size, scratch)
+
+
+def image_buffer(count: int, size: int, scratch: Path | None) -> torch.Tensor:
+    """An uninitialised uint8 (count, 3, size, size) tensor: in a file in `scratch` (unlinked at once, so
+    paged out rather than held in RAM, and its space freed with it), or in memory without one."""
+    shape = (count, 3, size, size)
+    if scratch is None or count == 0:
+        return torch.empty(shape, dtype=torch.uint8)
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=scratch, prefix="images-", delete=False) as handle:
+            name = handle.name
+        try:
+            flat = torch.from_file(name, shared=True, size=count * 3 * size * size, dtype=torch.uint8)
+        finally:
+            os.unlink(name)
+    except (OSError, RuntimeError) as exc:
+        raise DatasetError(f"cannot make room for {count} images of {size} px in {scratch} ({exc})") from exc
+    return flat.view(shape)
 
 
 def decode_split_tree(tree: Tree, name: str, where: str, size: int) -> ImageDataset:
     """Decode a train/test tree whose images should all be size x size (others are fitted)."""
-    images = decode_native([entry.data for entry in tree.entries], size)
+    decoded = decode_native([entry.data for entry in tree.entries], size)
     failed = {
-        entry.key: "cannot decode" for entry, image in zip(tree.entries, images, strict=True) if image is None
+        entry.key: "cannot decode"
+        for entry, image in zip(tree.entries, decoded, strict=True)
+        if image is None
     }
-    return _assemble(name, tree, images, failed, where, size)
+    images = image_buffer(len(decoded), size, None)
+    for i, image in enumerate(decoded):
+        if image is not None:
+            images[i] = image
+    ok = [image is not None for image in decoded]
+    return _assemble(name, tree, images, ok, failed, where, size, None)
 
 
 def stratified_test_mask(
@@ -100,10 +138,18 @@ def _auto_size(entries: Sequence[TreeEntry], failed: dict[str, str]) -> int:
 
 
 def _assemble(
-    name: str, tree: Tree, images: list[torch.Tensor | None], failed: dict[str, str], where: str, size: int
+    name: str,
+    tree: Tree,
+    images: torch.Tensor,
+    decoded: list[bool],
+    failed: dict[str, str],
+    where: str,
+    size: int,
+    scratch: Path | None,
 ) -> ImageDataset:
-    """Stack the decoded images into train/test splits, warning once about the skipped files."""
-    keep = [i for i, image in enumerate(images) if image is not None]
+    """Copy the decoded images (the rows of `images` marked `decoded`) into train/test splits, warning once
+    about the skipped files."""
+    keep = [i for i, ok in enumerate(decoded) if ok]
     if not keep:
         raise DatasetError(f"none of the {len(images)} image files in {where} could be read; check the files")
     if failed:
@@ -125,10 +171,11 @@ def _assemble(
     splits = {}
     for test in (False, True):
         chosen = [i for i, flag in zip(keep, is_test, strict=True) if flag == test]
-        stacked = [images[i] for i in chosen]
-        tensor = torch.stack(stacked) if stacked else torch.empty((0, 3, size, size), dtype=torch.uint8)  # type: ignore[arg-type]
+        split = image_buffer(len(chosen), size, scratch)
+        for start in range(0, len(chosen), _COPY_CHUNK):
+            split[start : start + _COPY_CHUNK] = images[torch.tensor(chosen[start : start + _COPY_CHUNK])]
         labels = np.array([index[tree.entries[i].label] for i in chosen], dtype=np.int64)
-        splits[test] = (tensor.contiguous(), torch.from_numpy(labels))
+        splits[test] = (split, torch.from_numpy(labels))
     return ImageDataset(name, *splits[False], *splits[True], tree.classes)
 
 

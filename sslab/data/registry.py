@@ -30,7 +30,7 @@ class DatasetSpec:
     description: str
     hint: str  # how to obtain it, for the "not found" message
     probe: Callable[[Path, bool], Found | None]
-    decode: Callable[[Found], ImageDataset]
+    decode: Callable[[Found, Path], ImageDataset]  # the found source, a folder for scratch files
     download: Callable[[Path], None] | None = None
     system_dirs: tuple[Path, ...] = ()
 
@@ -54,7 +54,7 @@ SPECS: dict[str, DatasetSpec] = {
         hint="pass --data-dir pointing at the folder with its four IDX files (apt-get install "
         "dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist), or download=True",
         probe=lambda root, loose: fashion_mnist.probe(root, loose),
-        decode=lambda found: fashion_mnist.decode(found),
+        decode=lambda found, scratch: fashion_mnist.decode(found),
         download=lambda dest: fashion_mnist.download(dest),
         system_dirs=(Path("/usr/share/datasets/fashion-mnist"),),
     ),
@@ -64,7 +64,7 @@ SPECS: dict[str, DatasetSpec] = {
         hint="pass --data-dir pointing at cifar-10-batches-py, an ImageFolder tree with train/ and test/ "
         "or its .tar.gz, or download=True",
         probe=lambda root, loose: cifar.probe(cifar.CIFAR10, root, loose),
-        decode=lambda found: cifar.decode(cifar.CIFAR10, found),
+        decode=lambda found, scratch: cifar.decode(cifar.CIFAR10, found),
         download=lambda dest: cifar.download(cifar.CIFAR10, dest),
     ),
     "cifar100": DatasetSpec(
@@ -73,15 +73,15 @@ SPECS: dict[str, DatasetSpec] = {
         hint="pass --data-dir pointing at cifar-100-python, an ImageFolder tree with train/ and test/ "
         "or its .tar.gz, or download=True",
         probe=lambda root, loose: cifar.probe(cifar.CIFAR100, root, loose),
-        decode=lambda found: cifar.decode(cifar.CIFAR100, found),
+        decode=lambda found, scratch: cifar.decode(cifar.CIFAR100, found),
         download=lambda dest: cifar.download(cifar.CIFAR100, dest),
     ),
     "stl10": DatasetSpec(
         name="stl10",
-        description="STL-10 labelled splits, 5,000 train / 8,000 test, 3x96x96, 10 classes",
+        description="STL-10, 5,000 train / 8,000 test / 100,000 unlabelled, 3x96x96, 10 classes",
         hint="pass --data-dir pointing at stl10_binary (or its parent), or download=True (about 2.6 GB)",
         probe=lambda root, loose: stl10.probe(root, loose),
-        decode=lambda found: stl10.decode(found),
+        decode=lambda found, scratch: stl10.decode(found, scratch),
         download=lambda dest: stl10.download(dest),
     ),
 }
@@ -142,7 +142,9 @@ def load_dataset(
     found = _locate(spec, data_dir, cache_root, download)
 
     def native() -> ImageDataset:
-        return _cached(spec.name, found.path, None, cache_root, lambda: spec.decode(found))
+        return _cached(
+            spec.name, found.path, None, cache_root, lambda: spec.decode(found, cache_root / "scratch")
+        )
 
     if image_size is None:
         return native()
@@ -229,7 +231,10 @@ def _load_imagefolder(name: str, image_size: int | None, cache_dir: str | Path |
             f"imagefolder path {path} does not exist; pass imagefolder:PATH with a folder of class folders"
         )
     cache_root = resolve_cache_dir(cache_dir)
-    return _cached(name, path, image_size, cache_root, lambda: load_imagefolder(path, image_size, name))
+    scratch = cache_root / "scratch"  # the decoded images go to files there, not to memory
+    return _cached(
+        name, path, image_size, cache_root, lambda: load_imagefolder(path, image_size, name, scratch)
+    )
 
 
 def _cached(

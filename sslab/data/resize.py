@@ -52,6 +52,9 @@ def resize_dataset(dataset: ImageDataset, size: int | None) -> ImageDataset:
         test_images=resize_images(dataset.test_images, size),
         test_labels=dataset.test_labels,
         classes=dataset.classes,
+        unlabelled_images=None
+        if dataset.unlabelled_images is None
+        else resize_images(dataset.unlabelled_images, size),
     )
 
 

@@ -1,7 +1,9 @@
-"""STL-10's labelled splits (5,000 train / 8,000 test, 3x96x96) from the official binary files."""
+"""STL-10 (5,000 train / 8,000 test / 100,000 unlabelled, 3x96x96) from the official binary files."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from sslab.errors import DatasetError
 NATIVE_SIZE = 96
 BINARY_FOLDER = "stl10_binary"
 FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+UNLABELLED_FILE = "unlabeled_X.bin"  # optional: without it the dataset has no unlabelled split
+_CHUNK = 2048  # unlabelled images re-laid out per step: bounds the memory the first decode needs
 CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
 
@@ -30,10 +34,13 @@ def probe(root: Path, loose: bool = False) -> Found | None:
     return None
 
 
-def decode(found: Found) -> ImageDataset:
-    """Read the labelled train and test splits (the unlabelled split is not used)."""
+def decode(found: Found, scratch: Path) -> ImageDataset:
+    """Read the labelled train and test splits, and the unlabelled one where its file is present. The
+    unlabelled images are re-laid out chunk by chunk into a file in `scratch`, unlinked at once, so they
+    never need to fit in RAM: the mapping pages them out, and the file's space is freed when it goes."""
     splits = [_read_split(found.path, split) for split in ("train", "test")]
-    return ImageDataset("stl10", *splits[0], *splits[1], CLASSES)
+    unlabelled = _read_unlabelled(found.path / UNLABELLED_FILE, scratch)
+    return ImageDataset("stl10", *splits[0], *splits[1], CLASSES, unlabelled_images=unlabelled)
 
 
 def download(dest: Path) -> None:
@@ -55,3 +62,31 @@ def _read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     # Stored column-major per channel: swap H and W.
     images = pixels.reshape(-1, 3, NATIVE_SIZE, NATIVE_SIZE).transpose(0, 1, 3, 2)
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
+
+
+def _read_unlabelled(path: Path, scratch: Path) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    per_image = 3 * NATIVE_SIZE * NATIVE_SIZE
+    try:
+        source = np.memmap(path, dtype=np.uint8, mode="r")
+        if source.size % per_image:
+            raise DatasetError(f"STL-10 unlabelled file {path} is truncated; re-download it")
+        count = source.size // per_image
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=scratch, prefix="stl10-unlabelled-", delete=False) as handle:
+            name = handle.name
+        try:
+            flat = torch.from_file(name, shared=True, size=count * per_image, dtype=torch.uint8)
+        finally:
+            os.unlink(name)  # the mapping keeps the data; the disk space goes with it
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot read STL-10 unlabelled images {path} ({exc}); check the file and disk"
+        ) from exc
+    images = flat.view(count, 3, NATIVE_SIZE, NATIVE_SIZE)
+    stored = source.reshape(count, 3, NATIVE_SIZE, NATIVE_SIZE)
+    for start in range(0, count, _CHUNK):
+        chunk = stored[start : start + _CHUNK].transpose(0, 1, 3, 2)  # stored column-major per channel
+        images[start : start + _CHUNK] = torch.from_numpy(np.ascontiguousarray(chunk))
+    return images

@@ -24,6 +24,7 @@ class SupervisedSettings(MethodSettings):
     paper = "Supervised cross-entropy baseline (as in Chen et al. 2020, Table 1)"
     ignores = ("head", "head_width", "out_dim", "head_bn")  # the classifier maps h to the classes
     multiprocess = True  # tests/test_distributed_methods.py
+    uses_labels = True
 
 
 @register(SupervisedSettings)
