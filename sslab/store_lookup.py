@@ -49,6 +49,8 @@ def done_trial(url: str, config_hash: str) -> DoneTrial | None:
     try:
         uri = f"file:{quote(str(path.resolve()))}?mode=ro"
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as db:
+            if db.execute("PRAGMA quick_check(1)").fetchone() != ("ok",):
+                return None  # damaged: the full store says so, in one line
             version = db.execute("SELECT value FROM sslab_meta WHERE key = 'schema_version'").fetchone()
             if version is None or int(version[0]) != SCHEMA_VERSION:
                 return None  # older: the full store migrates it first

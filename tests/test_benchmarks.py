@@ -216,3 +216,20 @@ def test_recalibrating_batch_norm_sets_the_running_statistics_to_the_data_averag
         before_norm = conv((images.float() / 255 - mean) / std)  # (N, C, H, W): what the first norm sees
     assert torch.allclose(norm.running_mean, before_norm.mean((0, 2, 3)), atol=1e-4)
     assert norm.num_batches_tracked == 4 and not method.backbone.training
+
+
+def test_trial_overhead_times_every_part_and_the_repeated_command(tmp_path: Path) -> None:
+    """benchmarks/trial_overhead.py on the built-in shapes: the parts add up to the trial, and the repeated
+    command finds the trial done."""
+    out = tmp_path / "overhead.json"
+    env = {**os.environ, "SSLAB_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, str(ROOT / "benchmarks" / "trial_overhead.py"), "--dataset", "synthetic"]
+    done = subprocess.run(
+        [*command, "--json", str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    parts = report["parts_s"]
+    assert {"train", "evaluation", "baseline", "label_free", "data", "other"} <= set(parts)
+    assert abs(sum(parts.values()) - report["wall_s"]) < 1e-6 and parts["other"] >= 0
+    assert report["done_command_s"] > 0 and "evaluation share" in done.stdout
