@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -16,6 +14,7 @@ import torch
 from sslab.data.dataset import DatasetWarning, ImageDataset
 from sslab.data.decode import decode_fit, decode_native, header_size
 from sslab.data.locations import is_tarball
+from sslab.data.scratch import image_buffer
 from sslab.data.tree import Tree, TreeEntry, is_image_name, list_folder_tree, read_tar, tree_from_members
 from sslab.errors import DatasetError
 
@@ -69,25 +68,6 @@ def load_imagefolder(
         except Exception as exc:  # PIL raises many types for corrupt data
             failed[entry.key] = _reason(exc)
     return _assemble(name, tree, images, decoded, failed, str(path), size, scratch)
-
-
-def image_buffer(count: int, size: int, scratch: Path | None) -> torch.Tensor:
-    """An uninitialised uint8 (count, 3, size, size) tensor: in a file in `scratch` (unlinked at once, so
-    paged out rather than held in RAM, and its space freed with it), or in memory without one."""
-    shape = (count, 3, size, size)
-    if scratch is None or count == 0:
-        return torch.empty(shape, dtype=torch.uint8)
-    try:
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=scratch, prefix="images-", delete=False) as handle:
-            name = handle.name
-        try:
-            flat = torch.from_file(name, shared=True, size=count * 3 * size * size, dtype=torch.uint8)
-        finally:
-            os.unlink(name)
-    except (OSError, RuntimeError) as exc:
-        raise DatasetError(f"cannot make room for {count} images of {size} px in {scratch} ({exc})") from exc
-    return flat.view(shape)
 
 
 def decode_split_tree(tree: Tree, name: str, where: str, size: int) -> ImageDataset:

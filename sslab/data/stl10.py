@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import torch
 from sslab.data.dataset import ImageDataset
 from sslab.data.download import fetch
 from sslab.data.locations import Found, child_entries, squash
+from sslab.data.scratch import image_buffer
 from sslab.errors import DatasetError
 
 NATIVE_SIZE = 96
@@ -70,21 +69,12 @@ def _read_unlabelled(path: Path, scratch: Path) -> torch.Tensor | None:
     per_image = 3 * NATIVE_SIZE * NATIVE_SIZE
     try:
         source = np.memmap(path, dtype=np.uint8, mode="r")
-        if source.size % per_image:
-            raise DatasetError(f"STL-10 unlabelled file {path} is truncated; re-download it")
-        count = source.size // per_image
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=scratch, prefix="stl10-unlabelled-", delete=False) as handle:
-            name = handle.name
-        try:
-            flat = torch.from_file(name, shared=True, size=count * per_image, dtype=torch.uint8)
-        finally:
-            os.unlink(name)  # the mapping keeps the data; the disk space goes with it
     except OSError as exc:
-        raise DatasetError(
-            f"cannot read STL-10 unlabelled images {path} ({exc}); check the file and disk"
-        ) from exc
-    images = flat.view(count, 3, NATIVE_SIZE, NATIVE_SIZE)
+        raise DatasetError(f"cannot read STL-10 unlabelled images {path} ({exc}); check the file") from exc
+    if source.size % per_image:
+        raise DatasetError(f"STL-10 unlabelled file {path} is truncated; re-download it")
+    count = source.size // per_image
+    images = image_buffer(count, NATIVE_SIZE, scratch)
     stored = source.reshape(count, 3, NATIVE_SIZE, NATIVE_SIZE)
     for start in range(0, count, _CHUNK):
         chunk = stored[start : start + _CHUNK].transpose(0, 1, 3, 2)  # stored column-major per channel
