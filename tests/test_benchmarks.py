@@ -233,3 +233,111 @@ def test_trial_overhead_times_every_part_and_the_repeated_command(tmp_path: Path
     assert {"train", "evaluation", "baseline", "label_free", "data", "other"} <= set(parts)
     assert abs(sum(parts.values()) - report["wall_s"]) < 1e-6 and parts["other"] >= 0
     assert report["done_command_s"] > 0 and "evaluation share" in done.stdout
+
+
+conv_peak = load_benchmark("conv_peak")
+
+
+def test_conv_flops_count_multiply_adds_of_the_forward_pass() -> None:
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1, stride=2))
+    convs = conv_peak.find_convolutions(backbone, torch.randn(2, 3, 8, 8), torch.float32)
+    assert [tuple(c.output_shape) for c in convs] == [(2, 8, 8, 8), (2, 4, 4, 4)]
+    # 2 FLOPs per multiply-add: (outputs) x (inputs each output reads)
+    assert convs[0].flops == 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)
+    assert convs[1].flops == 2 * (2 * 4 * 4 * 4) * 8
+
+
+def test_conv_peak_times_each_pass_and_the_step(tmp_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "conv_peak.py"), "--backbone", "smallcnn"]
+    done = subprocess.run(
+        [*command, "--batch-size", "4", "--rounds", "1", "--precision", "fp32"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    table = [line for line in lines if line.startswith(("0.", "1.", "2.", "stem", "features", "layer"))]
+    assert len(table) >= 3 and all(len(line.split()) >= 9 for line in table)  # label, GFLOP, three passes
+    assert any(line.startswith("fastest convolution pass:") for line in lines)
+    assert any(line.startswith("training step:") and "% of that peak" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size and --rounds must be >= 1"),
+        (["--backbone", "nosuchnet"], "nosuchnet"),
+    ],
+)
+def test_conv_peak_refuses_bad_input_in_one_line(arguments: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "conv_peak.py"), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().startswith("error:") and len(done.stderr.strip().splitlines()) == 1
+    assert message in done.stderr
+
+
+FAKE_MARGIN_TESTS = """
+from sslab.config import from_mapping
+from sslab.store import Provenance, Store
+
+
+def _log(tmp_path, linear):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    trial = store.begin_trial(from_mapping({"epochs": 1}), Provenance("cpu", "t", "0", None, "host"))
+    store.log_metrics(trial, {"linear_top1": 0.1}, epoch=0)  # per-epoch: not the final metrics
+    store.log_metrics(trial, {"linear_top1": linear, "baseline_linear_top1": 0.5})
+    return linear - 0.5
+
+
+def test_wide_beats_random_init(tmp_path):
+    assert _log(tmp_path, 0.75) > 0.2
+
+
+def test_narrow_beats_random_init(tmp_path):
+    assert _log(tmp_path, 0.55) > 0.2
+
+
+def test_unrelated(tmp_path):
+    _log(tmp_path, 0.9)
+"""
+
+
+def test_margins_records_each_selected_test_final_metrics(tmp_path: Path) -> None:
+    tests = tmp_path / "test_fake_margins.py"
+    tests.write_text(FAKE_MARGIN_TESTS)
+    out = tmp_path / "margins.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "margins.py"), "--precisions", "fp32"]
+    done = subprocess.run(
+        [*command, "--json", str(out), str(tests)], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {row["test"].rsplit("::", 1)[1]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"test_wide_beats_random_init", "test_narrow_beats_random_init"}
+    wide, narrow = rows["test_wide_beats_random_init"], rows["test_narrow_beats_random_init"]
+    assert wide["passed"] and not narrow["passed"]
+    assert wide["precision"] == "fp32" and wide["linear_top1"] == 0.75
+    assert wide["margin"] == pytest.approx(0.25) and narrow["margin"] == pytest.approx(0.05)
+    assert "FAILED" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [(["--precisions", "fp16"], "--precisions takes fp32 and/or bf16"), (["no/such/tests"], "no such test")],
+)
+def test_margins_refuses_bad_input_in_one_line(arguments: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "margins.py"), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().startswith("error:") and len(done.stderr.strip().splitlines()) == 1
+    assert message in done.stderr

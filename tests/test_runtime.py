@@ -1,0 +1,55 @@
+"""Process-wide settings: the allocator keeps large freed blocks rather than faulting them in each step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Allocates and frees a 64 MiB tensor (above glibc's 32 MiB mmap-threshold ceiling, as a ResNet-18's
+# activations at batch 512 are) as a training step does, and counts the page faults of the later rounds.
+_ROUNDS = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from sslab.runtime import tune_allocator
+    tuned = sys.argv[1] == "1" and tune_allocator()
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(12):  # warm-up: the heap grows to what the rounds need
+        x = torch.ones(16 << 20); del x
+    before = faults()
+    for _ in range(10):
+        x = torch.ones(16 << 20); del x
+    print(json.dumps({"tuned": tuned, "faults": faults() - before}))
+    """
+)
+
+
+def _faults(tune: bool) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _ROUNDS, "1" if tune else "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator settings are glibc's (Linux)")
+def test_a_tuned_allocator_reuses_large_blocks_instead_of_faulting_them_in() -> None:
+    untuned, tuned = _faults(False), _faults(True)
+    if not tuned["tuned"]:
+        pytest.skip("this C library has no glibc mallopt settings")
+    if untuned["faults"] < 10 * 16_384 * 0.9:  # 64 MiB of 4 KiB pages faulted in per round
+        pytest.skip(
+            f"the untuned rounds faulted only {untuned['faults']} pages (huge pages?): nothing to save"
+        )
+    assert tuned["faults"] < untuned["faults"] / 20, (tuned, untuned)
