@@ -32,10 +32,13 @@ def _weights_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("SSLAB_WEIGHTS_DIR", str(tmp_path_factory.mktemp("weights")))
 
 
-@pytest.fixture(autouse=True)
-def _fp32_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def _fp32_on_every_cpu() -> Iterator[None]:
     """`--precision auto` computes in fp32 on every CI machine, whether or not its CPU has native bf16, so
     the tests' margins and exact comparisons hold on all of them; tests of the choice set it themselves.
+    Session-wide, so that module-scoped fixtures (the processes of the multi-process tests) are covered too.
     `SSLAB_TEST_AUTO_BF16=1` lets `auto` choose as it does outside the tests (benchmarks/margins.py)."""
-    if os.environ.get("SSLAB_TEST_AUTO_BF16") != "1":
-        monkeypatch.setenv("SSLAB_CPU_BF16", "0")
+    with pytest.MonkeyPatch.context() as patch:
+        if os.environ.get("SSLAB_TEST_AUTO_BF16") != "1":
+            patch.setenv("SSLAB_CPU_BF16", "0")
+        yield

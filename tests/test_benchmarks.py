@@ -264,25 +264,6 @@ def test_conv_peak_times_each_pass_and_the_step(tmp_path: Path) -> None:
     assert any(line.startswith("training step:") and "% of that peak" in line for line in lines)
 
 
-@pytest.mark.parametrize(
-    ("arguments", "message"),
-    [
-        (["--batch-size", "0"], "--batch-size and --rounds must be >= 1"),
-        (["--backbone", "nosuchnet"], "nosuchnet"),
-    ],
-)
-def test_conv_peak_refuses_bad_input_in_one_line(arguments: list[str], message: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "conv_peak.py"), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode != 0
-    assert done.stderr.strip().startswith("error:") and len(done.stderr.strip().splitlines()) == 1
-    assert message in done.stderr
-
-
 FAKE_MARGIN_TESTS = """
 from sslab.config import from_mapping
 from sslab.store import Provenance, Store
@@ -328,12 +309,19 @@ def test_margins_records_each_selected_test_final_metrics(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("arguments", "message"),
-    [(["--precisions", "fp16"], "--precisions takes fp32 and/or bf16"), (["no/such/tests"], "no such test")],
+    ("script", "arguments", "message"),
+    [
+        ("conv_peak", ["--batch-size", "0"], "--batch-size and --rounds must be >= 1"),
+        ("conv_peak", ["--backbone", "nosuchnet"], "nosuchnet"),
+        ("margins", ["--precisions", "fp16"], "--precisions takes fp32 and/or bf16"),
+        ("margins", ["no/such/tests"], "no such test"),
+    ],
 )
-def test_margins_refuses_bad_input_in_one_line(arguments: list[str], message: str) -> None:
+def test_convolution_and_margin_benchmarks_refuse_bad_input_in_one_line(
+    script: str, arguments: list[str], message: str
+) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "margins.py"), *arguments],
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *arguments],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,14 +1,18 @@
-"""Process-wide settings: the allocator keeps large freed blocks rather than faulting them in each step."""
+"""Process-wide settings: the allocator keeps large freed blocks rather than faulting them in each step;
+the tests' fp32 pin on `--precision auto` covers fixtures of every scope."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from sslab.runtime import CPU_BF16_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,3 +57,15 @@ def test_a_tuned_allocator_reuses_large_blocks_instead_of_faulting_them_in() -> 
             f"the untuned rounds faulted only {untuned['faults']} pages (huge pages?): nothing to save"
         )
     assert tuned["faults"] < untuned["faults"] / 20, (tuned, untuned)
+
+
+@pytest.fixture(scope="module")
+def auto_setting_in_a_module_fixture() -> str | None:
+    """What a module-scoped fixture (as the multi-process tests' ranks are) sees of the fp32 pin."""
+    return os.environ.get(CPU_BF16_ENV)
+
+
+def test_the_fp32_pin_reaches_module_scoped_fixtures(auto_setting_in_a_module_fixture: str | None) -> None:
+    if os.environ.get("SSLAB_TEST_AUTO_BF16") == "1":
+        pytest.skip("SSLAB_TEST_AUTO_BF16=1 lifts the pin")
+    assert auto_setting_in_a_module_fixture == "0"

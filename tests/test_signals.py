@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launch import as_from_a_terminal
 from sqlalchemy import select
 
 from sslab.store import ClaimRow, Store
@@ -26,7 +27,9 @@ def start(url: str, launcher: str, *extra: str) -> subprocess.Popen:
     command = [SSLAB, "run", *LONG, "--db", url, *extra]
     if launcher == "background":  # SIGINT ignored, as a shell starts background jobs
         command = ["bash", "-c", '"$@" & wait $!', "bash", *command]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal
+    )
 
 
 def wait_for_epoch(url: str, process: subprocess.Popen, deadline: float = 120) -> tuple[str, int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from launch import as_from_a_terminal
 from rich.console import Console
 from sqlalchemy import select
 
@@ -205,7 +206,9 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch) -> No
         "--set", "batch_size=32", "--set", "dataset=synthetic", "--set", "image_size=16",
         "--db", url, "--heartbeat-timeout", "3",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal
+    )
     config_hash, _ = _wait_for_trained_epoch(url, time.monotonic() + 120, process)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
@@ -307,7 +310,9 @@ def test_stopping_study_run_stops_its_workers(stop: int, launcher: str, tmp_path
     command = [SSLAB, "study", "run", path, "--db", url, "--workers", "2"]
     if launcher == "background":
         command = ["bash", "-c", '"$@" & wait $!', "bash", *command]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal
+    )
     pid = None
     try:
         config_hash, pid = _wait_for_trained_epoch(url, time.monotonic() + 150, process)
