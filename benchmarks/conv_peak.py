@@ -15,19 +15,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from sslab.config import from_mapping
-from sslab.errors import ConfigError
-from sslab.methods.base import Gather, StepContext, build_method
-from sslab.models import build_backbone
-from sslab.optim import build_optimizer
-from sslab.runtime import tune_allocator
-from sslab.train import autocast_dtype
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_pipeline import train_step  # noqa: E402  (a sibling script, not a package)
+
+from sslab.config import from_mapping  # noqa: E402
+from sslab.errors import ConfigError  # noqa: E402
+from sslab.methods.base import Gather, Method, StepContext, build_method  # noqa: E402
+from sslab.models import build_backbone  # noqa: E402
+from sslab.optim import build_optimizer  # noqa: E402
+from sslab.runtime import tune_allocator  # noqa: E402
+from sslab.train import autocast_dtype  # noqa: E402
 
 PASSES = ("forward", "input_grad", "weight_grad")
 
@@ -88,10 +93,11 @@ def pass_function(conv: Conv, which: str, dtype: torch.dtype):  # type: ignore[n
 
 
 def step_function(config_overrides: dict, batch: int, size: int):  # type: ignore[no-untyped-def]
+    """The trainer's step (`peer_pipeline.train_step`) on fixed random views, and the method it trains."""
     config = from_mapping(config_overrides)
     torch.manual_seed(0)
     backbone = build_backbone(config.backbone, 3, size)
-    method = build_method(config, backbone, num_classes=10).to(memory_format=torch.channels_last)
+    method: Method = build_method(config, backbone, num_classes=10).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, method)
     amp = autocast_dtype(config.precision, torch.device("cpu"))
     views = [
@@ -99,16 +105,7 @@ def step_function(config_overrides: dict, batch: int, size: int):  # type: ignor
     ]
     labels = torch.zeros(batch, dtype=torch.long)
     context = StepContext(0.5, 0.5, 0.5, torch.arange(batch), 50_000, Gather())
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-            loss = method(views, labels, context).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.float().backward()
-        optimizer.step()
-        method.after_step(context)
-
-    return step
+    return (lambda: train_step(method, optimizer, views, labels, context, amp)), method
 
 
 def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -140,15 +137,14 @@ def main() -> None:
         "precision": args.precision,
     }
     try:
-        step = step_function(overrides, args.batch_size, args.image_size)
-        backbone = build_backbone(args.backbone, 3, args.image_size)
+        step, method = step_function(overrides, args.batch_size, args.image_size)
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     views = 2 * args.batch_size
     images = torch.randn(views, 3, args.image_size, args.image_size).contiguous(
         memory_format=torch.channels_last
     )
-    convs = find_convolutions(backbone, images, dtype)
+    convs = find_convolutions(method.backbone, images, dtype)
     if not convs:
         raise SystemExit(f"error: backbone '{args.backbone}' has no 2-d convolutions to time")
     work = {(i, which): pass_function(conv, which, dtype) for i, conv in enumerate(convs) for which in PASSES}
