@@ -264,6 +264,24 @@ def test_conv_peak_times_each_pass_and_the_step(tmp_path: Path) -> None:
     assert any(line.startswith("training step:") and "% of that peak" in line for line in lines)
 
 
+def test_conv_weight_grad_compares_both_kernels_and_the_step() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "conv_weight_grad.py"), "--backbone", "smallcnn"]
+    done = subprocess.run(
+        [*command, "--batch-size", "4", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    table = [line for line in lines if line.startswith("features")]
+    assert len(table) == 3 and all(line.split()[-1] in ("GEMM", "oneDNN") for line in table)
+    assert table[0].split()[-1] == "oneDNN"  # a 16 x 16 output keeps torch's kernel on every machine
+    steps = [line for line in lines if line.startswith("training step,")]
+    assert len(steps) == 2 and steps[0].endswith("(1.00x)")
+
+
 FAKE_MARGIN_TESTS = """
 from sslab.config import from_mapping
 from sslab.store import Provenance, Store
@@ -313,6 +331,8 @@ def test_margins_records_each_selected_test_final_metrics(tmp_path: Path) -> Non
     [
         ("conv_peak", ["--batch-size", "0"], "--batch-size and --rounds must be >= 1"),
         ("conv_peak", ["--backbone", "nosuchnet"], "nosuchnet"),
+        ("conv_weight_grad", ["--rounds", "0"], "--batch-size and --rounds must be >= 1"),
+        ("conv_weight_grad", ["--backbone", "nosuchnet"], "nosuchnet"),
         ("margins", ["--precisions", "fp16"], "--precisions takes fp32 and/or bf16"),
         ("margins", ["no/such/tests"], "no such test"),
     ],

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from sslab.errors import ConfigError
+from sslab.models import cpu_kernels
 
 if TYPE_CHECKING:
     from sslab.config import TrialConfig
@@ -41,13 +42,13 @@ class SmallCNN(Backbone):
         previous = in_channels
         for width in widths:
             layers += [
-                nn.Conv2d(previous, width, 3, stride=2, padding=1, bias=False),
+                cpu_kernels.Conv2d(previous, width, 3, stride=2, padding=1, bias=False),
                 nn.BatchNorm2d(width),
                 nn.ReLU(inplace=True),
             ]
             previous = width
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = cpu_kernels.GlobalAvgPool()
         self.feature_dim = previous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ class ScaledResNet(torchvision.models.ResNet):
         self.layer2 = self._make_layer(block, base * 2, layers[1], stride=2)
         self.layer3 = self._make_layer(block, base * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(block, base * 8, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.avgpool = cpu_kernels.GlobalAvgPool()
         self.feature_dim = self.inplanes
         # torchvision's 1000-way classifier draws its initial weights here; drawing them too keeps the random
         # stream, and so every weight initialised after it, identical to torchvision's. It is then dropped.
@@ -115,7 +116,7 @@ def _resnet(name: str, in_channels: int, cifar_stem: bool, width: float) -> Back
         model.maxpool = nn.Identity()
     elif in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, stem, 7, stride=2, padding=3, bias=False)
-    return cast(Backbone, model)
+    return cast(Backbone, cpu_kernels.adopt(model))
 
 
 BACKBONES: dict[str, str] = {
