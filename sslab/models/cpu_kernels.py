@@ -1,15 +1,15 @@
 """Two places where a CNN's bf16 step on a CPU avoids a slow path of torch's own kernels.
 
 1. **Weight gradients of convolutions with small outputs, by one matrix product.** On a CPU with AMX, oneDNN's
-   bf16 weight gradient of a convolution whose output is at most 4 x 4 ran at 65-120 GFLOP/s, a fraction of
+   bf16 weight gradient of a convolution whose output is at most 4 x 4 ran at 65-180 GFLOP/s, a fraction of
    its forward pass (benchmarks/conv_weight_grad.py): the small CNN's last layer (8 -> 4 px) and all of a
    CIFAR ResNet-18's layer4. The same gradient as one matrix product of the output gradient and the input's
    patches, (C_out, N*L) @ (N*L, k*k*C_in), ran 2-6x faster there. Larger outputs with few channels, fp32
    and CPUs without AMX keep oneDNN's kernel, which measured as fast or faster in those cases.
 2. **Global average pooling that hands back a channels-last gradient.** `AdaptiveAvgPool2d`'s backward
    returns an NCHW gradient for a channels-last input, and every element-wise backward after it (the last
-   ReLU's, a residual add's) then mixes two layouts: 16 ms against 0.8 ms for the small CNN's last ReLU at
-   batch 512. The forward pass is unchanged.
+   ReLU's, a residual add's) then mixes two layouts, about 20x slower than in one (the small CNN's last ReLU
+   at batch 512, in torch.profiler). The forward pass is unchanged.
 
 Both leave the model's parameters, state dict, forward values and initialisation as they are.
 """
