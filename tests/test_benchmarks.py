@@ -247,17 +247,23 @@ def test_conv_flops_count_multiply_adds_of_the_forward_pass() -> None:
     assert convs[1].flops == 2 * (2 * 4 * 4 * 4) * 8
 
 
-def test_conv_peak_times_each_pass_and_the_step(tmp_path: Path) -> None:
-    command = [sys.executable, str(ROOT / "benchmarks" / "conv_peak.py"), "--backbone", "smallcnn"]
+def _run_on_one_thread(script: str, *arguments: str) -> list[str]:
+    """A benchmark script's stdout lines, on one thread; fails the test if the script fails."""
     done = subprocess.run(
-        [*command, "--batch-size", "4", "--rounds", "1", "--precision", "fp32"],
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *arguments],
         capture_output=True,
         text=True,
         timeout=240,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
+    return done.stdout.splitlines()
+
+
+def test_conv_peak_times_each_pass_and_the_step(tmp_path: Path) -> None:
+    lines = _run_on_one_thread(
+        "conv_peak", "--backbone", "smallcnn", "--batch-size", "4", "--rounds", "1", "--precision", "fp32"
+    )
     table = [line for line in lines if line.startswith(("0.", "1.", "2.", "stem", "features", "layer"))]
     assert len(table) >= 3 and all(len(line.split()) >= 9 for line in table)  # label, GFLOP, three passes
     assert any(line.startswith("fastest convolution pass:") for line in lines)
@@ -265,16 +271,9 @@ def test_conv_peak_times_each_pass_and_the_step(tmp_path: Path) -> None:
 
 
 def test_conv_weight_grad_compares_both_kernels_and_the_step() -> None:
-    command = [sys.executable, str(ROOT / "benchmarks" / "conv_weight_grad.py"), "--backbone", "smallcnn"]
-    done = subprocess.run(
-        [*command, "--batch-size", "4", "--rounds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    lines = _run_on_one_thread(
+        "conv_weight_grad", "--backbone", "smallcnn", "--batch-size", "4", "--rounds", "1"
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
     table = [line for line in lines if line.startswith("features")]
     assert len(table) == 3 and all(line.split()[-1] in ("GEMM", "oneDNN") for line in table)
     assert table[0].split()[-1] == "oneDNN"  # a 16 x 16 output keeps torch's kernel on every machine
