@@ -36,6 +36,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_pipeline import peer_ops  # noqa: E402  (a sibling script, not a package)
+from script_args import ArgumentParser  # noqa: E402
 
 from sslab.augment.view import View, parse_view  # noqa: E402
 from sslab.config import TrialConfig, from_mapping, parse_assignments  # noqa: E402
@@ -133,9 +134,7 @@ def summary(runs: dict[str, dict[int, dict[str, float]]], metric: str) -> dict[s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="none: the op statistics only")
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     parser.add_argument("--set", dest="sets", action="append", default=[], help="trial field key=value")

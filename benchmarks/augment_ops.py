@@ -8,7 +8,6 @@ single view and once for two views of the batch (one training step's worth); the
 source images, so its images/s is the rate at which a training loop can be fed.
 """
 
-import argparse
 import ctypes
 import ctypes.util
 import statistics
@@ -16,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from script_args import ArgumentParser
 
 from sslab.augment.ops import OPS
 from sslab.augment.view import parse_view
@@ -53,7 +53,7 @@ def time_calls(run: Callable[[], object], device: torch.device, repeats: int, wa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3, choices=(1, 3))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from script_args import ArgumentParser
 from torch import nn
 
 from sslab.config import from_mapping, parse_assignments
@@ -49,9 +50,7 @@ def recalibrate_batch_norm(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["smallcnn"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--set", dest="sets", action="append", default=[], help="trial field key=value")

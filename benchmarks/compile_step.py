@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from script_args import ArgumentParser  # noqa: E402
 
 from sslab.augment.view import parse_view  # noqa: E402
 from sslab.config import from_mapping  # noqa: E402
@@ -34,9 +35,7 @@ from sslab.train import autocast_dtype, resolve_device  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="smallcnn")
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--image-size", type=int, default=32)

@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_pipeline import train_step  # noqa: E402  (a sibling script, not a package)
+from script_args import ArgumentParser  # noqa: E402
 
 from sslab.config import from_mapping  # noqa: E402
 from sslab.errors import ConfigError  # noqa: E402
@@ -116,9 +117,7 @@ def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--batch-size", type=int, default=256)

@@ -6,7 +6,8 @@ the training step with the matrix product forced off and on, in alternating roun
 
 Prints, per convolution of the backbone (both views of `--batch-size` images), its output size, both weight
 gradients' ms and GFLOP/s and which one the rule picks on this machine; then the step's images/s with torch's
-kernel everywhere, with the rule's choice forced on, and their ratio.
+kernel everywhere, with this CPU's rule, and (on a CPU without AMX) with the AMX rule's shapes forced on,
+each with its ratio to the first.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conv_peak import find_convolutions, pass_function, step_function, timed  # noqa: E402
+from script_args import ArgumentParser  # noqa: E402
 
 from sslab.errors import ConfigError  # noqa: E402
 from sslab.models import cpu_kernels  # noqa: E402
@@ -27,9 +29,7 @@ from sslab.runtime import tune_allocator  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="smallcnn")
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -55,7 +55,7 @@ def main() -> None:
         grad_out = torch.randn(conv.output_shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
         return lambda: cpu_kernels.conv_weight_grad(grad_out, conv.input, m.kernel_size, m.stride, m.padding)
 
-    def step_with(enabled: bool):  # type: ignore[no-untyped-def]
+    def step_with(enabled: bool | None):  # type: ignore[no-untyped-def]
         def run() -> None:
             with cpu_kernels.gemm_weight_grad(enabled):
                 step()
@@ -66,7 +66,10 @@ def main() -> None:
     for i, conv in enumerate(convs):
         work[(i, "onednn")] = pass_function(conv, "weight_grad", dtype)
         work[(i, "gemm")] = by_gemm(conv)
-    steps = {"torch's kernels": step_with(False), "matrix product where the rule applies": step_with(True)}
+    kind = cpu_kernels.bf16_cpu_kind()
+    steps = {"torch's kernels": step_with(False), f"this CPU's rule ({kind or 'none'})": step_with(None)}
+    if kind != cpu_kernels.AMX:
+        steps["the AMX rule's shapes forced"] = step_with(True)
     for fn in [*work.values(), *steps.values()]:
         fn()  # warm-up: kernel selection, allocator
     seconds: dict = {key: [] for key in [*work, *steps]}
@@ -79,7 +82,7 @@ def main() -> None:
 
     print(
         f"backbone={args.backbone} batch={args.batch_size} precision={args.precision} "
-        f"threads={torch.get_num_threads()} amx={cpu_kernels._has_amx()}"
+        f"threads={torch.get_num_threads()} cpu={kind or 'no native bf16'}"
     )
     print(
         f"{'convolution':<40} {'output':>7} {'oneDNN ms':>10} {'GFLOP/s':>8} {'GEMM ms':>8} "

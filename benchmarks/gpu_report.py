@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from script_args import ArgumentParser
+
 NEEDED = (
     "torch",
     "torchvision",
@@ -220,9 +222,7 @@ def print_digest(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     env = commands.add_parser("env", help="record the machine and choose the dataset")
     env.add_argument("--dataset", default="cifar10")

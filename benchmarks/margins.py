@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from script_args import ArgumentParser
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_ENV = "SSLAB_MARGINS_RECORD"
@@ -69,9 +70,7 @@ def _run(selection: str, tests: list[str], bf16: bool, record: Path) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-k", dest="selection", default="beats_random_init", help="pytest -k expression")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--json", type=Path, help="also write the rows here")

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import torch
+from script_args import ArgumentParser
 
 from sslab import weights
 from sslab.config import TrialConfig, from_mapping
@@ -63,9 +64,7 @@ def method_config(name: str, args: argparse.Namespace) -> TrialConfig:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="smallcnn")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3)

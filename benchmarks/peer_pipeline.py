@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torchvision
+from script_args import ArgumentParser
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -170,9 +171,7 @@ def median_rate(images: int, seconds: list[float]) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="smallcnn")
     parser.add_argument("--method", default="simclr", help="a two-view method (no local crops)")
     parser.add_argument("--batch-size", type=int, default=256)

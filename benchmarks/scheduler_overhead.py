@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from script_args import ArgumentParser
 
 from sslab.config import TrialConfig
 from sslab.runner import TrialOutcome, provenance, run_trial
@@ -39,9 +40,7 @@ def record_without_training(config: TrialConfig, store: Store, **_: Any) -> Tria
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", help="results store URL (default: a new SQLite file in a temp dir)")
     parser.add_argument("--real", type=int, default=0, help="also run this many tiny real trials")
     args = parser.parse_args()

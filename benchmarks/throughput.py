@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from script_args import ArgumentParser
 
 from sslab.augment.view import parse_view
 from sslab.config import from_mapping
@@ -26,9 +27,7 @@ from sslab.train import autocast_dtype, resolve_device
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="smallcnn")
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--image-size", type=int, default=32)

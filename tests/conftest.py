@@ -26,6 +26,15 @@ def postgres_url() -> Iterator[str]:
     admin.dispose()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fixtures_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Module- and session-scoped fixtures, which run before any test's own folder is set, keep trained
+    weights out of the checkout's results/ too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SSLAB_WEIGHTS_DIR", str(tmp_path_factory.mktemp("fixture-weights")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _weights_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test keeps trained weights in a folder of its own, never in the checkout's results/."""

@@ -90,6 +90,21 @@ def test_the_rule_picks_bf16_convolutions_with_small_outputs_only():
         assert not cpu_kernels.uses_gemm_weight_grad(conv, small)
 
 
+@pytest.mark.parametrize(
+    ("kind", "takes_4x4", "takes_8x8_wide"),
+    [(cpu_kernels.AMX, True, True), (cpu_kernels.AVX512_BF16, True, False), (None, False, False)],
+)
+def test_each_cpu_kind_takes_the_shapes_measured_faster_on_it(monkeypatch, kind, takes_4x4, takes_8x8_wide):
+    monkeypatch.setattr(cpu_kernels, "bf16_cpu_kind", lambda: kind)
+    small = cpu_kernels.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)
+    wide = cpu_kernels.Conv2d(128, 4, 3, stride=2, padding=1, bias=False)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert cpu_kernels.uses_gemm_weight_grad(small, torch.randn(2, 4, 8, 8)) is takes_4x4
+        assert cpu_kernels.uses_gemm_weight_grad(wide, torch.randn(2, 128, 16, 16)) is takes_8x8_wide
+        with cpu_kernels.gemm_weight_grad(True):  # forced: the AMX rule's shapes on any CPU
+            assert cpu_kernels.uses_gemm_weight_grad(wide, torch.randn(2, 128, 16, 16))
+
+
 def test_the_forward_pass_is_torchs_own():
     torch.manual_seed(0)
     conv = cpu_kernels.Conv2d(8, 16, 3, stride=2, padding=1, bias=False).to(memory_format=torch.channels_last)

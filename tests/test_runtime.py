@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sslab.runtime import CPU_BF16_ENV
+from sslab.weights import WEIGHTS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +70,17 @@ def test_the_fp32_pin_reaches_module_scoped_fixtures(auto_setting_in_a_module_fi
     if os.environ.get("SSLAB_TEST_AUTO_BF16") == "1":
         pytest.skip("SSLAB_TEST_AUTO_BF16=1 lifts the pin")
     assert auto_setting_in_a_module_fixture == "0"
+
+
+@pytest.fixture(scope="module")
+def weights_dir_in_a_module_fixture() -> str | None:
+    """Where a module-scoped fixture that trains would keep its weights."""
+    return os.environ.get(WEIGHTS_ENV)
+
+
+def test_module_scoped_fixtures_keep_weights_out_of_the_checkout(
+    weights_dir_in_a_module_fixture: str | None,
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    assert weights_dir_in_a_module_fixture is not None
+    assert not Path(weights_dir_in_a_module_fixture).resolve().is_relative_to(root)

@@ -4,8 +4,11 @@
    bf16 weight gradient of a convolution whose output is at most 4 x 4 ran at 65-180 GFLOP/s, a fraction of
    its forward pass (benchmarks/conv_weight_grad.py): the small CNN's last layer (8 -> 4 px) and all of a
    CIFAR ResNet-18's layer4. The same gradient as one matrix product of the output gradient and the input's
-   patches, (C_out, N*L) @ (N*L, k*k*C_in), ran 2-6x faster there. Larger outputs with few channels, fp32
-   and CPUs without AMX keep oneDNN's kernel, which measured as fast or faster in those cases.
+   patches, (C_out, N*L) @ (N*L, k*k*C_in), ran 2-6x faster there. On a CPU with AVX512-BF16 but no AMX
+   (AMD Zen), oneDNN's weight gradient at 4 x 4 ran at 90-300 GFLOP/s and the product at 150-320: the rule
+   there takes the 4 x 4 outputs only (with ResNet-18's 8 x 8 ones too, its step ran 0.91x). fp32, larger
+   outputs and CPUs
+   without native bf16 keep oneDNN's kernel, which measured as fast or faster in those cases.
 2. **Global average pooling that hands back a channels-last gradient.** `AdaptiveAvgPool2d`'s backward
    returns an NCHW gradient for a channels-last input, and every element-wise backward after it (the last
    ReLU's, a residual add's) then mixes two layouts, about 20x slower than in one (the small CNN's last ReLU
@@ -26,24 +29,36 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-# Where the matrix product measured faster (benchmarks/conv_weight_grad.py, AMX, bf16): every output of
-# at most 4 x 4, and outputs of 8 x 8 with at least 128 input channels (ResNet-18's layer3: 1.2-2x).
-# oneDNN stayed faster at 8 x 8 with 64 input channels (the small CNN's middle layer) and at 16 x 16 and up.
+# Where the matrix product measured faster (benchmarks/conv_weight_grad.py, bf16): on AMX, every output of
+# at most 4 x 4, and outputs of 8 x 8 with at least 128 input channels (ResNet-18's layer3: 1.2-2x); oneDNN
+# stayed faster at 8 x 8 with 64 input channels (the small CNN's middle layer) and at 16 x 16 and up. On
+# AVX512-BF16 without AMX, the 4 x 4 outputs only (ResNet-18's layer3 stride-1 convolutions: 0.7-0.9x).
 GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA = 16
 GEMM_WEIGHT_GRAD_WIDE_OUTPUT_AREA, GEMM_WEIGHT_GRAD_WIDE_IN_CHANNELS = 64, 128
+AMX, AVX512_BF16 = "amx", "avx512_bf16"
 _forced: bool | None = None  # set by gemm_weight_grad() to compare the two kernels in one process
 
 
-@functools.cache
-def _has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+def _probe(name: str) -> bool:
+    probe = getattr(torch.cpu, name, None)
     return bool(probe is not None and probe())
+
+
+@functools.cache
+def bf16_cpu_kind() -> str | None:
+    """AMX, AVX512_BF16 or None: which of the rule's measured CPU kinds this CPU is (its features, not
+    its name)."""
+    if _probe("_is_amx_tile_supported"):
+        return AMX
+    if _probe("_is_avx512_bf16_supported"):
+        return AVX512_BF16
+    return None
 
 
 @contextmanager
 def gemm_weight_grad(enabled: bool | None) -> Iterator[None]:
-    """Force the matrix-product weight gradient on (True) or off (False) for eligible convolutions; None
-    restores the rule (AMX CPUs only). For benchmarks and tests."""
+    """Force the matrix-product weight gradient on (True: for every shape the AMX rule takes, on any
+    CPU) or off (False); None restores this CPU's rule. For benchmarks and tests."""
     global _forced
     previous, _forced = _forced, enabled
     try:
@@ -72,11 +87,14 @@ def uses_gemm_weight_grad(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     compute_dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
     if compute_dtype != torch.bfloat16:
         return False
-    area = output_area(conv, x)
-    wide = conv.in_channels >= GEMM_WEIGHT_GRAD_WIDE_IN_CHANNELS and area <= GEMM_WEIGHT_GRAD_WIDE_OUTPUT_AREA
-    if area > GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA and not wide:
+    kind = AMX if _forced is True else bf16_cpu_kind()
+    if kind is None:
         return False
-    return _forced is True or _has_amx()
+    area = output_area(conv, x)
+    if area <= GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA:
+        return True
+    wide = conv.in_channels >= GEMM_WEIGHT_GRAD_WIDE_IN_CHANNELS and area <= GEMM_WEIGHT_GRAD_WIDE_OUTPUT_AREA
+    return kind == AMX and wide
 
 
 def patches(
