@@ -46,14 +46,22 @@ def native_bf16_cpu() -> bool:
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    return x86_bf16_kind() is not None or _arm_bf16()
+
+
+X86_AMX, X86_AVX512_BF16 = "amx", "avx512_bf16"
+
+
+def x86_bf16_kind() -> str | None:
+    """X86_AMX, X86_AVX512_BF16 or None: how this x86 CPU computes bf16 in hardware, from torch's
+    feature probes (the CPU's features, not its name; $SSLAB_CPU_BF16 does not apply)."""
     import torch
 
-    cpu = torch.cpu
-    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        probe = getattr(cpu, check, None)
+    for kind, check in ((X86_AMX, "_is_amx_tile_supported"), (X86_AVX512_BF16, "_is_avx512_bf16_supported")):
+        probe = getattr(torch.cpu, check, None)
         if probe is not None and probe():
-            return True
-    return _arm_bf16()
+            return kind
+    return None
 
 
 def _arm_bf16() -> bool:

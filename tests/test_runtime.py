@@ -81,6 +81,5 @@ def weights_dir_in_a_module_fixture() -> str | None:
 def test_module_scoped_fixtures_keep_weights_out_of_the_checkout(
     weights_dir_in_a_module_fixture: str | None,
 ) -> None:
-    root = Path(__file__).resolve().parents[1]
     assert weights_dir_in_a_module_fixture is not None
-    assert not Path(weights_dir_in_a_module_fixture).resolve().is_relative_to(root)
+    assert not Path(weights_dir_in_a_module_fixture).resolve().is_relative_to(ROOT)

@@ -7,8 +7,7 @@
    patches, (C_out, N*L) @ (N*L, k*k*C_in), ran 2-6x faster there. On a CPU with AVX512-BF16 but no AMX
    (AMD Zen), oneDNN's weight gradient at 4 x 4 ran at 90-300 GFLOP/s and the product at 150-320: the rule
    there takes the 4 x 4 outputs only (with ResNet-18's 8 x 8 ones too, its step ran 0.91x). fp32, larger
-   outputs and CPUs
-   without native bf16 keep oneDNN's kernel, which measured as fast or faster in those cases.
+   outputs and CPUs without native bf16 keep oneDNN's kernel, which measured as fast or faster there.
 2. **Global average pooling that hands back a channels-last gradient.** `AdaptiveAvgPool2d`'s backward
    returns an NCHW gradient for a channels-last input, and every element-wise backward after it (the last
    ReLU's, a residual add's) then mixes two layouts, about 20x slower than in one (the small CNN's last ReLU
@@ -29,30 +28,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from sslab.runtime import X86_AMX, X86_AVX512_BF16, x86_bf16_kind
+
 # Where the matrix product measured faster (benchmarks/conv_weight_grad.py, bf16): on AMX, every output of
 # at most 4 x 4, and outputs of 8 x 8 with at least 128 input channels (ResNet-18's layer3: 1.2-2x); oneDNN
 # stayed faster at 8 x 8 with 64 input channels (the small CNN's middle layer) and at 16 x 16 and up. On
 # AVX512-BF16 without AMX, the 4 x 4 outputs only (ResNet-18's layer3 stride-1 convolutions: 0.7-0.9x).
 GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA = 16
 GEMM_WEIGHT_GRAD_WIDE_OUTPUT_AREA, GEMM_WEIGHT_GRAD_WIDE_IN_CHANNELS = 64, 128
-AMX, AVX512_BF16 = "amx", "avx512_bf16"
+AMX, AVX512_BF16 = X86_AMX, X86_AVX512_BF16
 _forced: bool | None = None  # set by gemm_weight_grad() to compare the two kernels in one process
-
-
-def _probe(name: str) -> bool:
-    probe = getattr(torch.cpu, name, None)
-    return bool(probe is not None and probe())
 
 
 @functools.cache
 def bf16_cpu_kind() -> str | None:
-    """AMX, AVX512_BF16 or None: which of the rule's measured CPU kinds this CPU is (its features, not
-    its name)."""
-    if _probe("_is_amx_tile_supported"):
-        return AMX
-    if _probe("_is_avx512_bf16_supported"):
-        return AVX512_BF16
-    return None
+    """AMX, AVX512_BF16 or None: which of the rule's measured CPU kinds this CPU is."""
+    return x86_bf16_kind()
 
 
 @contextmanager
