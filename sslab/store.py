@@ -233,13 +233,18 @@ def _has_table(connection: Any, name: str) -> bool:
     return bool(inspect(connection).has_table(name))
 
 
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
 def _enable_sqlite_pragmas(engine: Engine, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
+        # First: the switch to WAL waits for other processes' locks (a new store opened by several at
+        # once) only as long as this timeout, and the driver's default is 5 s.
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         if wal:
             cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

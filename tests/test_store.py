@@ -1,4 +1,7 @@
 import multiprocessing as mp
+import sqlite3
+import threading
+import time
 
 import pytest
 
@@ -83,16 +86,32 @@ def test_study_membership_and_frame(tmp_path) -> None:
     assert store.study_frame("absent").empty
 
 
-def _open(url: str) -> None:
+def _open(url: str, at: float) -> None:
+    time.sleep(max(0.0, at - time.time()))
     Store(url)
 
 
 def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'new.db'}"
     context = mp.get_context("spawn")
-    processes = [context.Process(target=_open, args=(url,)) for _ in range(4)]
+    start = time.time() + 3  # after every process has imported sslab, so that they do race
+    processes = [context.Process(target=_open, args=(url, start)) for _ in range(4)]
     for process in processes:
         process.start()
     for process in processes:
         process.join(60)
     assert [p.exitcode for p in processes] == [0, 0, 0, 0]
+
+
+def test_a_new_store_waits_while_another_connection_blocks_its_switch_to_wal(tmp_path) -> None:
+    path = tmp_path / "new.db"
+    reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # a shared lock: no switch to WAL
+    held_s = 6  # longer than the driver's default busy timeout of 5 s
+    threading.Timer(held_s, reader.execute, args=("ROLLBACK",)).start()
+    Store(f"sqlite:///{path}")
+    reader.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sslab_trials'").fetchone() == (1,)
