@@ -3,11 +3,12 @@ the training step with the matrix product forced off and on, in alternating roun
 
     .venv/bin/python benchmarks/conv_weight_grad.py --backbone smallcnn --batch-size 256 --precision bf16
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conv_weight_grad.py --backbone resnet18 --rounds 2
+    .venv/bin/python benchmarks/conv_weight_grad.py --backbone smallcnn --precision fp32 --rounds 9
 
 Prints, per convolution of the backbone (both views of `--batch-size` images), its output size, both weight
 gradients' ms and GFLOP/s and which one the rule picks on this machine; then the step's images/s with torch's
-kernel everywhere, with this CPU's rule, and (on a CPU without AMX) with the AMX rule's shapes forced on,
-each with its ratio to the first.
+kernel everywhere, with this CPU's rule, and (where that rule is not the widest one measured: AMX's in bf16,
+AVX512's in fp32) with the widest rule's shapes forced on, each with its ratio to the first.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ def main() -> None:
     for i, conv in enumerate(convs):
         work[(i, "onednn")] = pass_function(conv, "weight_grad", dtype)
         work[(i, "gemm")] = by_gemm(conv)
-    kind = cpu_kernels.bf16_cpu_kind()
+    kind = cpu_kernels.cpu_kind()
     steps = {"torch's kernels": step_with(False), f"this CPU's rule ({kind or 'none'})": step_with(None)}
-    if kind != cpu_kernels.AMX:
-        steps["the AMX rule's shapes forced"] = step_with(True)
+    widest_rule = cpu_kernels.AMX if dtype == torch.bfloat16 else cpu_kernels.AVX512
+    if kind != widest_rule:
+        steps[f"the {widest_rule} rule's shapes forced"] = step_with(True)
     for fn in [*work.values(), *steps.values()]:
         fn()  # warm-up: kernel selection, allocator
     seconds: dict = {key: [] for key in [*work, *steps]}
@@ -82,7 +84,7 @@ def main() -> None:
 
     print(
         f"backbone={args.backbone} batch={args.batch_size} precision={args.precision} "
-        f"threads={torch.get_num_threads()} cpu={kind or 'no native bf16'}"
+        f"threads={torch.get_num_threads()} cpu={kind or 'none of the measured kinds'}"
     )
     print(
         f"{'convolution':<40} {'output':>7} {'oneDNN ms':>10} {'GFLOP/s':>8} {'GEMM ms':>8} "

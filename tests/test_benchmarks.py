@@ -281,9 +281,9 @@ def test_conv_weight_grad_compares_both_kernels_and_the_step() -> None:
     assert len(table) == 3 and all(line.split()[-1] in ("GEMM", "oneDNN") for line in table)
     assert table[0].split()[-1] == "oneDNN"  # a 16 x 16 output keeps torch's kernel on every machine
     steps = [line for line in lines if line.startswith("training step,")]
-    amx = cpu_kernels.bf16_cpu_kind() == cpu_kernels.AMX  # elsewhere the AMX rule's shapes are timed too
+    amx = cpu_kernels.cpu_kind() == cpu_kernels.AMX  # elsewhere the AMX rule's bf16 shapes are timed too
     assert len(steps) == (2 if amx else 3) and steps[0].endswith("(1.00x)")
-    assert steps[1].startswith(f"training step, this CPU's rule ({cpu_kernels.bf16_cpu_kind() or 'none'}):")
+    assert steps[1].startswith(f"training step, this CPU's rule ({cpu_kernels.cpu_kind() or 'none'}):")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

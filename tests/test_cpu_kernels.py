@@ -51,24 +51,25 @@ def _grads(model: nn.Module, x: torch.Tensor, use_gemm: bool, bf16: bool) -> dic
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize(("bf16", "tolerance"), [(True, 0.02), (False, 1e-4)])
 @pytest.mark.parametrize("backbone", ["smallcnn", "resnet18"])
-def test_a_backbone_trains_with_the_same_gradients_either_way(backbone):
+def test_a_backbone_trains_with_the_same_gradients_either_way(backbone, bf16, tolerance):
     """Forced on, the convolutions the rule picks take the matrix-product weight gradient, forced off all take
-    torch's: the two must agree to bf16 rounding."""
+    torch's: the two must agree to rounding (bf16 products round their fp32 sums to bf16, in other orders)."""
     torch.manual_seed(0)
     model = build_backbone(backbone, 3, 32).to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     small = [m for m in model.modules() if isinstance(m, cpu_kernels.Conv2d)]
     assert small, "the backbone's convolutions are cpu_kernels.Conv2d"
-    reference = _grads(model, x, use_gemm=False, bf16=True)
-    chosen = _grads(model, x, use_gemm=True, bf16=True)
+    reference = _grads(model, x, use_gemm=False, bf16=bf16)
+    chosen = _grads(model, x, use_gemm=True, bf16=bf16)
     assert reference.keys() == chosen.keys()
-    for name in reference:  # bf16 products: both round their fp32 sums to bf16, in different orders
+    for name in reference:
         scale = reference[name].abs().max().clamp_min(1e-6)
-        assert (chosen[name] - reference[name]).abs().max() / scale < 0.02, name
+        assert (chosen[name] - reference[name]).abs().max() / scale < tolerance, name
 
 
-def test_the_rule_picks_bf16_convolutions_with_small_outputs_only():
+def test_the_rule_picks_convolutions_with_small_outputs_only():
     conv = cpu_kernels.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)
     small, large = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 10, 10)  # outputs 4 x 4 and 5 x 5
     with cpu_kernels.gemm_weight_grad(True):
@@ -82,7 +83,10 @@ def test_the_rule_picks_bf16_convolutions_with_small_outputs_only():
             assert not cpu_kernels.uses_gemm_weight_grad(wide, torch.randn(2, 128, 32, 32))  # 16 x 16
             narrow = cpu_kernels.Conv2d(64, 4, 3, stride=2, padding=1, bias=False)
             assert not cpu_kernels.uses_gemm_weight_grad(narrow, torch.randn(2, 64, 16, 16))  # 8 x 8, 64 in
-        assert not cpu_kernels.uses_gemm_weight_grad(conv, small), "fp32 keeps torch's kernel"
+        assert cpu_kernels.uses_gemm_weight_grad(conv, small), "fp32 takes the 4 x 4 outputs"
+        assert not cpu_kernels.uses_gemm_weight_grad(conv, large)
+        assert not cpu_kernels.uses_gemm_weight_grad(wide, torch.randn(2, 128, 16, 16)), "fp32: 4 x 4 only"
+        assert not cpu_kernels.uses_gemm_weight_grad(conv.double(), small.double())
         assert cpu_kernels.uses_gemm_weight_grad(conv.to(torch.bfloat16), small.to(torch.bfloat16))
         biased = cpu_kernels.Conv2d(4, 4, 3, stride=2, padding=1).to(torch.bfloat16)
         assert not cpu_kernels.uses_gemm_weight_grad(biased, small.to(torch.bfloat16))
@@ -91,18 +95,47 @@ def test_the_rule_picks_bf16_convolutions_with_small_outputs_only():
 
 
 @pytest.mark.parametrize(
-    ("kind", "takes_4x4", "takes_8x8_wide"),
-    [(cpu_kernels.AMX, True, True), (cpu_kernels.AVX512_BF16, True, False), (None, False, False)],
+    ("kind", "takes_4x4", "takes_8x8_wide", "takes_4x4_in_fp32"),
+    [
+        (cpu_kernels.AMX, True, True, False),
+        (cpu_kernels.AVX512_BF16, True, False, False),
+        (cpu_kernels.AVX512, False, False, True),
+        (None, False, False, False),
+    ],
 )
-def test_each_cpu_kind_takes_the_shapes_measured_faster_on_it(monkeypatch, kind, takes_4x4, takes_8x8_wide):
-    monkeypatch.setattr(cpu_kernels, "bf16_cpu_kind", lambda: kind)
+def test_each_cpu_kind_takes_the_shapes_measured_faster_on_it(
+    monkeypatch, kind, takes_4x4, takes_8x8_wide, takes_4x4_in_fp32
+):
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: kind)
     small = cpu_kernels.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)
     wide = cpu_kernels.Conv2d(128, 4, 3, stride=2, padding=1, bias=False)
+    assert cpu_kernels.uses_gemm_weight_grad(small, torch.randn(2, 4, 8, 8)) is takes_4x4_in_fp32
     with torch.autocast("cpu", torch.bfloat16):
         assert cpu_kernels.uses_gemm_weight_grad(small, torch.randn(2, 4, 8, 8)) is takes_4x4
         assert cpu_kernels.uses_gemm_weight_grad(wide, torch.randn(2, 128, 16, 16)) is takes_8x8_wide
         with cpu_kernels.gemm_weight_grad(True):  # forced: the AMX rule's shapes on any CPU
             assert cpu_kernels.uses_gemm_weight_grad(wide, torch.randn(2, 128, 16, 16))
+    with cpu_kernels.gemm_weight_grad(True):  # and the AVX512 rule's in fp32
+        assert cpu_kernels.uses_gemm_weight_grad(small, torch.randn(2, 4, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("native_bf16", "capability", "kind"),
+    [
+        (None, "AVX512", cpu_kernels.AVX512),
+        (None, "AVX2", None),
+        (cpu_kernels.AVX512_BF16, "AVX512", cpu_kernels.AVX512_BF16),
+        (cpu_kernels.AMX, "AVX512", cpu_kernels.AMX),
+    ],
+)
+def test_the_cpu_kind_comes_from_the_cpus_features(monkeypatch, native_bf16, capability, kind):
+    monkeypatch.setattr(cpu_kernels, "x86_bf16_kind", lambda: native_bf16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpu_kernels.cpu_kind.cache_clear()
+    try:
+        assert cpu_kernels.cpu_kind() == kind
+    finally:
+        cpu_kernels.cpu_kind.cache_clear()  # this CPU's own kind, for the tests after
 
 
 def test_the_forward_pass_is_torchs_own():
@@ -116,6 +149,10 @@ def test_the_forward_pass_is_torchs_own():
     assert chosen.dtype == plain.dtype == torch.bfloat16
     assert torch.equal(chosen, plain)
     assert chosen.grad_fn is not None and "ConvGemmWeightGrad" in type(chosen.grad_fn).__name__
+    with cpu_kernels.gemm_weight_grad(True):
+        chosen = conv(x)
+    assert chosen.dtype == torch.float32 and "ConvGemmWeightGrad" in type(chosen.grad_fn).__name__
+    assert torch.equal(chosen, F.conv2d(x, conv.weight, stride=2, padding=1))
 
 
 def test_adopting_keeps_parameters_and_state_dict():

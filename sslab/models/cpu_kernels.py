@@ -1,4 +1,4 @@
-"""Two places where a CNN's bf16 step on a CPU avoids a slow path of torch's own kernels.
+"""Two places where a CNN's step on a CPU avoids a slow path of torch's own kernels.
 
 1. **Weight gradients of convolutions with small outputs, by one matrix product.** On a CPU with AMX, oneDNN's
    bf16 weight gradient of a convolution whose output is at most 4 x 4 ran at 65-180 GFLOP/s, a fraction of
@@ -6,8 +6,11 @@
    CIFAR ResNet-18's layer4. The same gradient as one matrix product of the output gradient and the input's
    patches, (C_out, N*L) @ (N*L, k*k*C_in), ran 2-6x faster there. On a CPU with AVX512-BF16 but no AMX
    (AMD Zen), oneDNN's weight gradient at 4 x 4 ran at 90-300 GFLOP/s and the product at 150-320: the rule
-   there takes the 4 x 4 outputs only (with ResNet-18's 8 x 8 ones too, its step ran 0.91x). fp32, larger
-   outputs and CPUs without native bf16 keep oneDNN's kernel, which measured as fast or faster there.
+   there takes the 4 x 4 outputs only (with ResNet-18's 8 x 8 ones too, its step ran 0.91x). On an AVX-512
+   CPU without native bf16 (where sslab computes in fp32), oneDNN's fp32 weight gradient at 4 x 4 ran at
+   80-150 GFLOP/s and the product at 145-235: there fp32 takes the 4 x 4 outputs. Everything else (larger
+   outputs, fp32 on the other kinds, bf16 without native support, CUDA) keeps oneDNN's kernel, which
+   measured as fast or faster where it was measured.
 2. **Global average pooling that hands back a channels-last gradient.** `AdaptiveAvgPool2d`'s backward
    returns an NCHW gradient for a channels-last input, and every element-wise backward after it (the last
    ReLU's, a residual add's) then mixes two layouts, about 20x slower than in one (the small CNN's last ReLU
@@ -34,22 +37,28 @@ from sslab.runtime import X86_AMX, X86_AVX512_BF16, x86_bf16_kind
 # at most 4 x 4, and outputs of 8 x 8 with at least 128 input channels (ResNet-18's layer3: 1.2-2x); oneDNN
 # stayed faster at 8 x 8 with 64 input channels (the small CNN's middle layer) and at 16 x 16 and up. On
 # AVX512-BF16 without AMX, the 4 x 4 outputs only (ResNet-18's layer3 stride-1 convolutions: 0.7-0.9x).
+# In fp32, on AVX-512 without native bf16, the 4 x 4 outputs (ResNet-18's layer3 at 8 x 8: 0.87-1.43x).
 GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA = 16
 GEMM_WEIGHT_GRAD_WIDE_OUTPUT_AREA, GEMM_WEIGHT_GRAD_WIDE_IN_CHANNELS = 64, 128
 AMX, AVX512_BF16 = X86_AMX, X86_AVX512_BF16
+AVX512 = "avx512"  # AVX-512 without native bf16
 _forced: bool | None = None  # set by gemm_weight_grad() to compare the two kernels in one process
 
 
 @functools.cache
-def bf16_cpu_kind() -> str | None:
-    """AMX, AVX512_BF16 or None: which of the rule's measured CPU kinds this CPU is."""
-    return x86_bf16_kind()
+def cpu_kind() -> str | None:
+    """AMX, AVX512_BF16, AVX512 or None: which of the rule's measured CPU kinds this CPU is."""
+    native = x86_bf16_kind()
+    if native is not None:
+        return native
+    return AVX512 if torch.backends.cpu.get_cpu_capability() == "AVX512" else None
 
 
 @contextmanager
 def gemm_weight_grad(enabled: bool | None) -> Iterator[None]:
-    """Force the matrix-product weight gradient on (True: for every shape the AMX rule takes, on any
-    CPU) or off (False); None restores this CPU's rule. For benchmarks and tests."""
+    """Force the matrix-product weight gradient on (True: on any CPU, for every shape the AMX rule takes in
+    bf16 and the AVX512 rule takes in fp32) or off (False); None restores this CPU's rule. For benchmarks
+    and tests."""
     global _forced
     previous, _forced = _forced, enabled
     try:
@@ -76,12 +85,15 @@ def uses_gemm_weight_grad(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         return False
     autocast = torch.is_autocast_enabled("cpu")
     compute_dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    area = output_area(conv, x)
+    if compute_dtype == torch.float32:
+        takes_fp32 = _forced is True or cpu_kind() == AVX512
+        return takes_fp32 and area <= GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA
     if compute_dtype != torch.bfloat16:
         return False
-    kind = AMX if _forced is True else bf16_cpu_kind()
-    if kind is None:
+    kind = AMX if _forced is True else cpu_kind()
+    if kind not in (AMX, AVX512_BF16):
         return False
-    area = output_area(conv, x)
     if area <= GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA:
         return True
     wide = conv.in_channels >= GEMM_WEIGHT_GRAD_WIDE_IN_CHANNELS and area <= GEMM_WEIGHT_GRAD_WIDE_OUTPUT_AREA
