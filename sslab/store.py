@@ -252,7 +252,8 @@ def _enable_sqlite_pragmas(engine: Engine, wal: bool) -> None:
 def damage(path: Path) -> str | None:
     """What SQLite's quick check finds wrong with the store file (read without writing); None if sound."""
     try:
-        with contextlib.closing(sqlite3.connect(_read_only_uri(path), uri=True, timeout=60)) as db:
+        uri = _read_only_uri(path)
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
             found = [str(row[0]) for row in db.execute("PRAGMA quick_check(3)")]
     except sqlite3.OperationalError:  # cannot be opened (or is busy) here: not a sign of damage
         return None
@@ -266,7 +267,7 @@ def _read_only_uri(path: Path) -> str:
     folder without the -shm file), which reads the file alone."""
     uri = f"file:{path.resolve()}?mode=ro"
     try:
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
             db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
     except sqlite3.OperationalError as exc:
         if "unable to open" in str(exc) or "readonly" in str(exc):

@@ -21,7 +21,15 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from sslab.errors import SslabError
-from sslab.store import MetricRow, Store, StoreError, StudyRow, StudyTrialRow, TrialRow
+from sslab.store import (
+    SQLITE_BUSY_TIMEOUT_S,
+    MetricRow,
+    Store,
+    StoreError,
+    StudyRow,
+    StudyTrialRow,
+    TrialRow,
+)
 from sslab.store_migrations import SCHEMA_VERSION
 
 FORMAT = "sslab-trials"
@@ -61,7 +69,9 @@ def backup(store: Store, target: Path) -> Path:
     partial = _new_file(target)
     try:
         with (
-            contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=60)) as reading,
+            contextlib.closing(
+                sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
+            ) as reading,
             contextlib.closing(sqlite3.connect(partial)) as writing,
         ):
             reading.backup(writing)

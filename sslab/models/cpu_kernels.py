@@ -85,15 +85,15 @@ def uses_gemm_weight_grad(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         return False
     autocast = torch.is_autocast_enabled("cpu")
     compute_dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-    area = output_area(conv, x)
     if compute_dtype == torch.float32:
         takes_fp32 = _forced is True or cpu_kind() == AVX512
-        return takes_fp32 and area <= GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA
+        return takes_fp32 and output_area(conv, x) <= GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA
     if compute_dtype != torch.bfloat16:
         return False
     kind = AMX if _forced is True else cpu_kind()
     if kind not in (AMX, AVX512_BF16):
         return False
+    area = output_area(conv, x)
     if area <= GEMM_WEIGHT_GRAD_MAX_OUTPUT_AREA:
         return True
     wide = conv.in_channels >= GEMM_WEIGHT_GRAD_WIDE_IN_CHANNELS and area <= GEMM_WEIGHT_GRAD_WIDE_OUTPUT_AREA

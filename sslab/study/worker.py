@@ -38,7 +38,7 @@ from sslab.evaluate import extract_features, knn_val_top1
 from sslab.methods.base import Method
 from sslab.metrics import KNN_VAL_TOP1
 from sslab.runner import DEFAULT_CHECKPOINT_DIR, prepare_dataset, provenance, run_trial
-from sslab.store import Store
+from sslab.store import SQLITE_BUSY_TIMEOUT_S, Store
 from sslab.study.expand import Cell, StudyPlan
 from sslab.study.progress import (
     Event,
@@ -85,7 +85,7 @@ def optuna_storage(
     unfinished in the results store instead)."""
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     heartbeats: dict[str, Any] = {}
     if heartbeat_timeout is not None:
         heartbeats = {  # Optuna counts both in whole seconds
