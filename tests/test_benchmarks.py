@@ -286,6 +286,17 @@ def test_conv_weight_grad_compares_both_kernels_and_the_step() -> None:
     assert steps[1].startswith(f"training step, this CPU's rule ({cpu_kernels.cpu_kind() or 'none'}):")
 
 
+def test_step_ops_times_each_phase_and_ranks_the_ops() -> None:
+    lines = _run_on_one_thread("step_ops", "--batch-size", "4", "--steps", "1", "--top", "5")
+    step = next(line for line in lines if line.startswith("step "))
+    assert all(f"{phase} " in step for phase in ("views", "forward", "backward", "optimiser"))
+    ops = [line for line in lines if " ms " in line and "%" in line]
+    assert len(ops) == 5
+    shares = [float(line.split()[2].rstrip("%")) for line in ops]
+    assert shares == sorted(shares, reverse=True) and all(0 < share <= 100 for share in shares)
+    assert any("convolution" in line for line in ops)  # a CNN's step is dominated by its convolutions
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_benchmark_refuses_an_unknown_option_in_one_line(
     script: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -352,6 +363,8 @@ def test_margins_records_each_selected_test_final_metrics(tmp_path: Path) -> Non
         ("conv_weight_grad", ["--backbone", "nosuchnet"], "nosuchnet"),
         ("margins", ["--precisions", "fp16"], "--precisions takes fp32 and/or bf16"),
         ("margins", ["no/such/tests"], "no such test"),
+        ("step_ops", ["--steps", "0"], "--steps and --top must be at least 1"),
+        ("step_ops", ["--backbone", "nosuchnet"], "nosuchnet"),
     ],
 )
 def test_convolution_and_margin_benchmarks_refuse_bad_input_in_one_line(
